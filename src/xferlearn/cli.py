@@ -1,0 +1,155 @@
+"""The `xferlearn` command: parses arguments, calls the library, prints.
+
+Every command is a few lines over a library function. A user-fixable problem
+(XferlearnError) prints one line and exits 2; an interrupted run says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+
+from .config import TrainConfig
+from .errors import XferlearnError
+
+# TrainConfig fields the CLI does not expose as flags (data is positional).
+_HIDDEN = {"data"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train(commands) -> None:
+    parser = commands.add_parser("train", help="train a classifier on a folder of class folders",
+                                 description="Train on DATA: one subfolder per class, or a Kaggle-style root "
+                                             "with train/ [val/] [test/]. Validation is carved from train by patient.")
+    parser.add_argument("data")
+    defaults = TrainConfig.__dataclass_fields__
+    for f in fields(TrainConfig):
+        if f.name in _HIDDEN:
+            continue
+        default = defaults[f.name].default
+        if f.type in ("bool",) or isinstance(default, bool):
+            parser.add_argument(_flag(f.name), action="store_true", help=f"(default: {default})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=f"(default: {default})")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from .train import train
+
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    train(TrainConfig(**options))
+    return 0
+
+
+def add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="metrics.json, report.md and plots for a run on labelled data")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
+    parser.add_argument("data", help="a folder of class folders (or a Kaggle root: its test/ is used)")
+    parser.add_argument("--out", help="where to write the report (default: the run folder)")
+    parser.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        line = f"accuracy {metrics['accuracy']:.4f}  AUC {metrics['auc']:.4f}  " \
+               f"sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  n {metrics['n']}"
+        print(line)
+        print(f"threshold {metrics['threshold']} ({metrics['threshold_source']})")
+    return 0
+
+
+def add_predict(commands) -> None:
+    parser = commands.add_parser("predict", help="classify image files and folders (CSV or JSON on stdout)")
+    parser.add_argument("run")
+    parser.add_argument("paths", nargs="+", help="image files and/or folders")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--output", "-o", help="write to this file instead of stdout")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32")
+    parser.set_defaults(func=run_predict)
+
+
+def run_predict(args) -> int:
+    from .predict import expand_paths, load, write_rows
+
+    predictor = load(args.run, precision=args.precision)
+    paths = expand_paths(args.paths)
+    rows = predictor.iter_predict(paths, batch_size=args.batch_size)
+    if args.output:
+        with open(args.output, "w", newline="") as out:
+            count = write_rows(rows, predictor.classes, args.format, out)
+        print(f"{count} predictions written to {args.output}", file=sys.stderr)
+    else:
+        write_rows(rows, predictor.classes, args.format, sys.stdout)
+    return 0
+
+
+def add_backbones(commands) -> None:
+    parser = commands.add_parser("backbones", help="the backbones and which weights each can get right now")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=run_backbones)
+
+
+def run_backbones(args) -> int:
+    from .backbones import list_backbones
+
+    rows = list_backbones()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "timm architecture", "weights available now", "default", "input")
+    for row in rows:
+        table.add_row(row["name"], row["arch"], ", ".join(row["weights"]), str(row["default_weights"]),
+                      str(row["input_size"]))
+    Console().print(table)
+    print("Any other timm model name works too (with --weights imagenet, a file, or none).")
+    return 0
+
+
+COMMANDS = [add_train, add_evaluate, add_predict, add_backbones]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xferlearn", description="Transfer learning on a folder of images.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except XferlearnError as error:
+        print(f"xferlearn: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xferlearn: interrupted; completed work is kept (train again with --resume to continue).",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Evaluation of a trained run on a labelled folder: metrics.json, report.md and plots.
+
+The decision threshold is the one stored in the checkpoint, chosen on the validation
+split at training time; evaluation never tunes anything on the data it is given. The
+report says which threshold was used and where it came from, gives bootstrap 95%
+intervals, and shows the metrics at 0.5 only as a secondary line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import ImageDataset, check_same_classes, class_folders, scan
+from .images import DecodeCache
+from .metrics import bootstrap_intervals, compute_metrics
+from .predict import Predictor, load
+from .report import write_report
+
+
+def evaluation_root(data: Path, classes: list[str]) -> Path:
+    """The folder of class folders to evaluate: `data` itself, or the test/ of a Kaggle-style root."""
+    found = class_folders(data)
+    if found != classes and "test" in found and (data / "test").is_dir():
+        data = data / "test"
+        found = class_folders(data)
+    check_same_classes(classes, found, data)
+    return data
+
+
+def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_size: int = 64) -> np.ndarray:
+    """(N, C) probabilities for every image of a manifest, decoded through the cache."""
+    dataset = ImageDataset(manifest.paths, manifest.digests, None, cache)
+    batches = [predictor.probabilities(images) for images, _ in DataLoader(dataset, batch_size=batch_size)]
+    return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
+
+
+def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 64,
+             n_boot: int = 1000, cache_dir: str | None = None, precision: str = "fp32") -> dict:
+    """Evaluate the run's model on `data` and write the report into `out` (default: the run folder)."""
+    run = Path(run)
+    predictor = load(run, precision=precision)
+    root = evaluation_root(Path(data), predictor.classes)
+    pre = predictor.preprocessing
+    cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
+    manifest = scan(root, cache, classes=predictor.classes, dedupe=False)
+    with torch.inference_mode():
+        probs = predict_manifest(predictor, manifest, cache, batch_size)
+    labels = manifest.labels
+    checkpoint = predictor.checkpoint
+    metrics = compute_metrics(labels, probs, predictor.classes, checkpoint.threshold, checkpoint.threshold_source)
+    intervals = bootstrap_intervals(labels, probs, predictor.classes, checkpoint.threshold, n_boot=n_boot)
+    metrics["unreadable"] = [{"file": path, "reason": reason} for path, reason in manifest.unreadable]
+    run_info = {"run": str(run.resolve()), "data": str(root.resolve()), "backbone": checkpoint.backbone,
+                "weights": checkpoint.weights, "checkpoint": str((run / "model.pt").resolve()) if run.is_dir() else str(run),
+                "temperature": round(checkpoint.temperature, 4)}
+    history = run / "logs" / "metrics.csv" if run.is_dir() else None
+    write_report(Path(out) if out else (run if run.is_dir() else run.parent), metrics, labels, probs,
+                 predictor.classes, title="xferlearn evaluation", run_info=run_info,
+                 history_csv=history, intervals=intervals)
+    metrics["intervals"] = intervals
+    return metrics

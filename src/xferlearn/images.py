@@ -1,0 +1,148 @@
+"""Decoding any image file into the fixed-size RGB array every later stage works on.
+
+Whatever a folder holds (grayscale, RGB, RGBA, palette, 16-bit, any size, EXIF-rotated),
+`decode` turns it into a `size x size x 3` uint8 array, squashed rather than cropped so
+that no part of an X-ray is lost (as Keras' `flow_from_directory` does). `DecodeCache`
+keeps those arrays on disk, keyed by the file's content hash and the size, so that an
+image is decoded once and never again, whatever run or epoch asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+# Far above any X-ray (the largest in the Kaggle set is ~2900x2700) yet a bound against
+# decompression bombs; PIL raises DecompressionBombError past twice this.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+class UnreadableImage(ValueError):
+    """A file that is not a decodable image; the message is the reason."""
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB in 8 bits, whatever the mode: 16-bit and float images are rescaled by their own range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on black: X-ray backgrounds are black, and transparent pixels carry no data.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def decode(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode image bytes to a (size, size, 3) uint8 array; raise UnreadableImage with the reason."""
+    if not data:
+        raise UnreadableImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()  # forces the full decode, so a truncated file fails here
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image)
+                if image.size != (size, size):
+                    image = image.resize((size, size), _RESAMPLE[interpolation])
+                return np.asarray(image, dtype=np.uint8).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(f"too many pixels (decompression bomb guard): {error}") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image (no decoder recognises it)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise UnreadableImage(f"corrupt image: {error}") from None
+
+
+def decode_file(path: str | Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise UnreadableImage(f"cannot read file: {error.strerror or error}") from None
+    return decode(data, size, interpolation)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XFERLEARN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xferlearn")
+    return Path(root)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename, so a reader never sees half a file, even after a crash or a full disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DecodeCache:
+    """Decoded arrays on disk, one .npy per (content hash, size, interpolation).
+
+    Per-image files rather than one big array: a new folder that shares most of its
+    images with an old one (a slice, a superset, a re-split) reuses every one of them.
+    A cache that cannot be written (read-only or full disk) is skipped, never fatal.
+    """
+
+    def __init__(self, root: Path | None = None, size: int = 224, interpolation: str = "bilinear"):
+        self.root = Path(root or default_cache_dir()) / "decoded" / f"{size}-{interpolation}"
+        self.size = size
+        self.interpolation = interpolation
+        self.writable = True
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest[:2] / f"{digest}.npy"
+
+    def contains(self, digest: str) -> bool:
+        return self._path(digest).exists()
+
+    def put(self, data: bytes, digest: str) -> np.ndarray:
+        """Decode bytes already in memory and store the array (scan reads each file only once)."""
+        array = decode(data, self.size, self.interpolation)
+        if self.writable:
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            try:
+                atomic_write_bytes(self._path(digest), buffer.getvalue())
+            except OSError:
+                self.writable = False
+        return array
+
+    def get(self, path: str | Path, digest: str | None = None) -> np.ndarray:
+        """The decoded array of a file; decodes and stores it on the first call only."""
+        if digest is not None and self.contains(digest):
+            try:
+                return np.load(self._path(digest), allow_pickle=False)
+            except (OSError, ValueError):
+                self._path(digest).unlink(missing_ok=True)  # a damaged entry is rebuilt, not trusted
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise UnreadableImage(f"cannot read file: {error.strerror or error}") from None
+        return self.put(data, digest or content_hash(data))

@@ -1,0 +1,233 @@
+"""Training: the Lightning module, and the recipes that fit a classifier from a folder.
+
+`train()` is the whole job, scan to checkpoint:
+1. build the backbone (a clear error now beats one after an hour of decoding);
+2. scan the folder, carve a patient-disjoint validation split, save it with the run;
+3. fit with a recipe: `linear` is the article's (frozen base, a new softmax head, Adam,
+   cross-entropy, its augmentation), on features computed once per image and view;
+4. pick the epoch by validation AUC, calibrate a temperature and choose the decision
+   threshold on validation alone, and write a self-describing checkpoint.
+Lightning runs the loop, so checkpoints, progress bars, bf16 and DDP come from it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from rich.console import Console
+from rich.progress import Progress
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+from .backbones import create_model
+from .checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Manifest, find_layout, save_split, scan, split_validation
+from .errors import XferlearnError
+from .features import FeatureExtractor, FeatureStore, extract, feature_key
+from .images import DecodeCache
+from .metrics import apply_temperature, choose_threshold, compute_metrics, fit_temperature, positive_index
+
+console = Console(stderr=True)
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy training of `net` (a head on features, or a whole network), with
+    validation loss, accuracy and AUC logged each epoch for checkpoint selection."""
+
+    def __init__(self, net: torch.nn.Module, classes: list[str], *, lr: float, weight_decay: float,
+                 epochs: int, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.net, self.classes = net, classes
+        self.lr, self.weight_decay, self.epochs = lr, weight_decay, epochs
+        self.positive = positive_index(classes) if len(classes) == 2 else None
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(len(classes)))
+        self._val_logits, self._val_targets = [], []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, weight=self.class_weights)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self._val_logits.append(self(x).float())
+        self._val_targets.append(y)
+
+    def on_validation_epoch_end(self):
+        logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
+        self._val_logits, self._val_targets = [], []
+        probs = logits.softmax(dim=1)
+        if self.positive is not None:
+            auc = binary_auroc(probs[:, self.positive], (targets == self.positive).long())
+        else:
+            auc = multiclass_auroc(probs, targets, num_classes=len(self.classes))
+        self.log_dict({"val_loss": F.cross_entropy(logits, targets), "val_auc": auc,
+                       "val_acc": (probs.argmax(1) == targets).float().mean()}, prog_bar=True)
+
+    def configure_optimizers(self):
+        # Adam as in the article, with decoupled weight decay and a cosine decay of the rate.
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict            # validation metrics at the chosen threshold
+    seconds: float
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised so a balanced set gets all ones."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def train_loader(x: np.ndarray, y: np.ndarray, config: TrainConfig, num_classes: int) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    if config.imbalance == "sampler":
+        # Each class drawn equally often; an epoch still has as many rows as the data.
+        per_row = class_weights(y, num_classes).numpy()[y]
+        sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True,
+                                        generator=torch.Generator().manual_seed(config.seed))
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(config.seed))
+
+
+def as_vectors(features: np.ndarray) -> np.ndarray:
+    """Some heads (VGG's) pool after their pre-logits layers: flatten what is still spatial."""
+    return features if features.ndim == 2 else features.reshape(*features.shape[:2], -1).mean(-1)
+
+
+def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str, weights_tag: str,
+             preprocessing, cache: DecodeCache, run: Path):
+    """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone."""
+    extractor = FeatureExtractor(model, preprocessing, config.precision)
+    store = FeatureStore(feature_key(arch, weights_tag, preprocessing, extractor.precision), config.cache_dir)
+    paths, digests, labels = manifest.paths, manifest.digests, manifest.labels
+    pick = lambda idx: ([paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
+    kwargs = dict(store=store, batch_size=config.batch_size_features, workers=config.workers)
+    with Progress(console=console, transient=True) as progress:
+        train_views = [as_vectors(extract(extractor, *pick(train_idx), cache, view=v, preset=config.augment,
+                                          seed=config.seed, progress=progress, **kwargs))
+                       for v in range(config.views + 1)]
+        val_x = as_vectors(extract(extractor, *pick(val_idx), cache, view=0, progress=progress, **kwargs))
+    train_x = np.concatenate(train_views)
+    train_y = np.tile(labels[train_idx], config.views + 1)
+    val_y = labels[val_idx]
+
+    head = model.get_classifier()
+    module = ClassifierModule(head, manifest.classes, lr=config.lr, weight_decay=config.weight_decay,
+                              epochs=config.epochs,
+                              class_weights=class_weights(train_y, len(manifest.classes))
+                              if config.imbalance == "weights" else None)
+    val_loader = DataLoader(TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_y)), batch_size=1024)
+    best = fit(module, train_loader(train_x, train_y, config, len(manifest.classes)), val_loader, config, run,
+               accelerator="cpu")  # a linear layer on cached features: a GPU would only add transfers
+    with torch.inference_mode():
+        val_logits = head.eval()(torch.from_numpy(val_x)).numpy()
+    return best, val_logits, val_y
+
+
+def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, **trainer_kwargs) -> dict:
+    """Lightning fit with best-by-validation-AUC selection and resumption from last.ckpt."""
+    checkpoints = ModelCheckpoint(dirpath=run / "lightning", filename="best", monitor="val_auc", mode="max",
+                                  save_last=True)
+    trainer = L.Trainer(max_epochs=config.epochs, logger=CSVLogger(run, name="logs", version=""),
+                        callbacks=[checkpoints], enable_model_summary=False, log_every_n_steps=1,
+                        deterministic=False, **trainer_kwargs)
+    last = run / "lightning" / "last.ckpt"
+    resume_from = str(last) if config.resume and last.exists() else None
+    trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
+    best_path = checkpoints.best_model_path
+    if best_path:
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    score = checkpoints.best_model_score
+    return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path}
+
+
+def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], config: TrainConfig):
+    """Temperature, threshold and validation metrics, all from the validation split alone."""
+    temperature = fit_temperature(val_logits, val_y)
+    probs = apply_temperature(val_logits, temperature)
+    if len(classes) == 2:
+        pos = positive_index(classes)
+        target = config.target_sensitivity
+        threshold = choose_threshold((val_y == pos).astype(int), probs[:, pos], config.threshold, target)
+        source = ("Youden's J (max sensitivity + specificity - 1)" if config.threshold == "youden"
+                  else f"highest threshold with sensitivity >= {target}")
+        source += f" on the validation split ({len(val_y)} images) at training time"
+    else:
+        threshold, source = None, "argmax (multi-class)"
+    return temperature, threshold, source, compute_metrics(val_y, probs, classes, threshold, source)
+
+
+def prepare_run(config: TrainConfig) -> Path:
+    run = Path(config.out)
+    if (run / CHECKPOINT_NAME).exists() and not config.resume:
+        raise XferlearnError(f"{run} already holds a trained model; choose another --out, or pass --resume "
+                             "to continue that run.")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(config: TrainConfig | None = None, **options) -> TrainResult:
+    """Train a classifier on a folder of class folders; see TrainConfig for the options."""
+    config = config or TrainConfig(**options)
+    started = time.perf_counter()
+    L.seed_everything(config.seed, verbose=False)
+    layout = find_layout(config.data)
+    model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
+                                                     config.image_size)
+    from .backbones import resolve
+    arch = resolve(config.backbone)
+    run = prepare_run(config)
+    config.save(run / "config.json")
+
+    cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
+    manifest = scan(layout.train_roots, cache)
+    console.print(f"Scanned {len(manifest.samples)} images in {len(manifest.classes)} classes {manifest.counts()}; "
+                  f"{len(manifest.duplicates)} exact duplicates kept once, {len(manifest.unreadable)} unreadable.")
+    for path, reason in manifest.unreadable:
+        console.print(f"  unreadable: {path}: {reason}", highlight=False)
+    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
+    save_split(run / "split.json", manifest, train_idx, val_idx, how)
+    console.print(f"Validation split: {len(val_idx)} images ({how}).")
+
+    if config.recipe != "linear":
+        raise XferlearnError(f"--recipe {config.recipe} is not built yet; use --recipe linear.")
+    selection, val_logits, val_y = fit_head(model, manifest, train_idx, val_idx, config, arch, weights_tag,
+                                            preprocessing, cache, run)
+    temperature, threshold, source, metrics = operating_point(val_logits, val_y, manifest.classes, config)
+    metrics["selection"] = selection
+    checkpoint = Checkpoint(arch=arch, backbone=config.backbone, weights=weights_tag,
+                            preprocessing=preprocessing.to_dict(), classes=manifest.classes,
+                            positive_index=positive_index(manifest.classes) if len(manifest.classes) == 2 else None,
+                            threshold=threshold, threshold_source=source, state_dict=model.state_dict(),
+                            temperature=temperature, config=config.to_dict(), metrics=metrics)
+    path = save_checkpoint(checkpoint, run / CHECKPOINT_NAME)
+    seconds = time.perf_counter() - started
+    (run / "validation_metrics.json").write_text(json.dumps(metrics, indent=2))
+    console.print(f"Validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
+                  f"sensitivity {metrics['sensitivity']:.4f}, specificity {metrics['specificity']:.4f} "
+                  f"at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
+                  f"{seconds:.0f} s. Checkpoint: {path}")
+    return TrainResult(run, path, metrics, seconds)
