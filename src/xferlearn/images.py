@@ -42,7 +42,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         lo, hi = float(values.min()), float(values.max())
         scaled = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
-        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        image = Image.fromarray(scaled.round().astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on black: X-ray backgrounds are black, and transparent pixels carry no data.
         rgba = image.convert("RGBA")

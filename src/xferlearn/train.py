@@ -13,7 +13,9 @@ Lightning runs the loop, so checkpoints, progress bars, bf16 and DDP come from i
 from __future__ import annotations
 
 import json
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,9 @@ from .images import DecodeCache
 from .metrics import apply_temperature, choose_threshold, compute_metrics, fit_temperature, positive_index
 
 console = Console(stderr=True)
+# Lightning's start-up chatter (accelerator lines, tips) says nothing a user acts on.
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class ClassifierModule(L.LightningModule):
@@ -133,7 +138,7 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
     train_y = np.tile(labels[train_idx], config.views + 1)
     val_y = labels[val_idx]
 
-    head = model.get_classifier()
+    head = model.get_classifier().train()  # the extractor put the whole model in eval mode
     module = ClassifierModule(head, manifest.classes, lr=config.lr, weight_decay=config.weight_decay,
                               epochs=config.epochs,
                               class_weights=class_weights(train_y, len(manifest.classes))
