@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY = dict(backbone="mobilenetv3_small_050", weights="none", image_size=64, epochs=2, views=0, lr=0.01)
+TINY = dict(backbone="resnet18", weights="none", image_size=64, epochs=2, views=0, lr=0.01)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import XferlearnError
@@ -70,6 +71,23 @@ class Checkpoint:
         return record
 
 
+def plain(value):
+    """Numpy scalars and arrays, tuples and paths as JSON-like Python values: `weights_only=True`
+    refuses to load anything else, so nothing else may go into a checkpoint."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, bool) or value is None:
+        return value
+    for kind in (int, float, str):  # exact types: a str subclass such as TorchVersion is refused on load
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
 def checkpoint_path(run: str | Path) -> Path:
     run = Path(run)
     return run / CHECKPOINT_NAME if run.is_dir() else run
@@ -77,7 +95,7 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
     path = Path(path)
-    record = asdict(checkpoint)
+    record = plain(asdict(checkpoint) | {"state_dict": {}})
     record["format"], record["format_version"] = FORMAT, FORMAT_VERSION
     record["state_dict"] = {k: v.detach().cpu().contiguous() for k, v in checkpoint.state_dict.items()}
     buffer = io.BytesIO()

@@ -125,7 +125,27 @@ def run_backbones(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_evaluate, add_predict, add_backbones]
+def add_serve(commands) -> None:
+    parser = commands.add_parser("serve", help="serve a run over HTTP: POST /predict, GET /health, /model, an upload page",
+                                 description="Serve RUN over HTTP (uvicorn). Binds 127.0.0.1 unless --host says "
+                                             "otherwise; the upload page is at /, the API docs at /docs.")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free one)")
+    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default: 20)")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from .serve import serve
+
+    if not args.max_upload_mb > 0:
+        raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
+    serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    return 0
+
+
+COMMANDS = [add_train, add_evaluate, add_predict, add_backbones, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

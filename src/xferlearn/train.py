@@ -12,6 +12,8 @@ Lightning runs the loop, so checkpoints, progress bars, bf16 and DDP come from i
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import time
@@ -36,13 +38,15 @@ from .config import TrainConfig
 from .data import Manifest, find_layout, save_split, scan, split_validation
 from .errors import XferlearnError
 from .features import FeatureExtractor, FeatureStore, extract, feature_key
-from .images import DecodeCache
+from .images import DecodeCache, atomic_write_bytes
 from .metrics import apply_temperature, choose_threshold, compute_metrics, fit_temperature, positive_index
 
 console = Console(stderr=True)
 # Lightning's start-up chatter (accelerator lines, tips) says nothing a user acts on.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# On --resume the run folder is meant to be reused (keep_earlier_history restores the log).
+warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 
 
 class ClassifierModule(L.LightningModule):
@@ -138,17 +142,41 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
     train_y = np.tile(labels[train_idx], config.views + 1)
     val_y = labels[val_idx]
 
+    # The head trains on standardised features (backbones differ in feature scale by orders of
+    # magnitude, one learning rate cannot suit them all); the scaling is then folded into the
+    # head's weights, so the saved model is a plain timm model with nothing added.
     head = model.get_classifier().train()  # the extractor put the whole model in eval mode
+    # A floor on the scale: a feature nearly constant in training must not blow up on new images.
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.maximum(std, 0.1 * std.mean() + 1e-12)
+    scale = isinstance(head, torch.nn.Linear)
+    if scale:
+        # Zero start: some timm inits (EfficientNet's, MobileNet's) draw the classifier from
+        # U(+-1/sqrt(num_classes)), which on 1000+ standardised features gives logits of +-10
+        # and a first epoch spent undoing it. A linear softmax head is convex: zero is a fine start.
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    standard = (lambda x: ((x - mean) / std).astype(np.float32)) if scale else (lambda x: x)  # noqa: E731
     module = ClassifierModule(head, manifest.classes, lr=config.lr, weight_decay=config.weight_decay,
                               epochs=config.epochs,
                               class_weights=class_weights(train_y, len(manifest.classes))
                               if config.imbalance == "weights" else None)
-    val_loader = DataLoader(TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_y)), batch_size=1024)
-    best = fit(module, train_loader(train_x, train_y, config, len(manifest.classes)), val_loader, config, run,
-               accelerator="cpu")  # a linear layer on cached features: a GPU would only add transfers
+    val_loader = DataLoader(TensorDataset(torch.from_numpy(standard(val_x)), torch.from_numpy(val_y)), batch_size=1024)
+    best = fit(module, train_loader(standard(train_x), train_y, config, len(manifest.classes)), val_loader, config,
+               run, accelerator="cpu")  # a linear layer on cached features: a GPU would only add transfers
+    if scale:
+        fold_standardisation(head, mean, std)
     with torch.inference_mode():
         val_logits = head.eval()(torch.from_numpy(val_x)).numpy()
     return best, val_logits, val_y
+
+
+@torch.no_grad()
+def fold_standardisation(head: torch.nn.Linear, mean: np.ndarray, std: np.ndarray) -> None:
+    """W((x - mean) / std) + b == (W / std) x + (b - (W / std) mean): the same head on raw features."""
+    weight = head.weight / torch.from_numpy(std).to(head.weight)
+    head.bias -= weight @ torch.from_numpy(mean).to(head.weight)
+    head.weight.copy_(weight)
 
 
 def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, **trainer_kwargs) -> dict:
@@ -160,13 +188,37 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
                         deterministic=False, **trainer_kwargs)
     last = run / "lightning" / "last.ckpt"
     resume_from = str(last) if config.resume and last.exists() else None
+    earlier = read_history(run / "logs" / "metrics.csv") if resume_from else []
     trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
+    if earlier:
+        keep_earlier_history(run / "logs" / "metrics.csv", earlier)
     best_path = checkpoints.best_model_path
     if best_path:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     score = checkpoints.best_model_score
     return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path}
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def keep_earlier_history(path: Path, earlier: list[dict]) -> None:
+    """Lightning's CSV logger starts metrics.csv afresh on resume: put back the epochs the
+    resumed run did not redo, so the curves cover the whole run."""
+    later = read_history(path)
+    first_new = min((int(row["epoch"]) for row in later if row.get("epoch")), default=None)
+    rows = [r for r in earlier if first_new is None or int(r["epoch"]) < first_new] + later
+    columns = sorted({key for row in rows for key in row})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], config: TrainConfig):
@@ -230,7 +282,7 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
                             temperature=temperature, config=config.to_dict(), metrics=metrics)
     path = save_checkpoint(checkpoint, run / CHECKPOINT_NAME)
     seconds = time.perf_counter() - started
-    (run / "validation_metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_bytes(run / "validation_metrics.json", json.dumps(metrics, indent=2).encode())
     console.print(f"Validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
                   f"sensitivity {metrics['sensitivity']:.4f}, specificity {metrics['specificity']:.4f} "
                   f"at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
