@@ -30,7 +30,6 @@ def page_url(request):
     if not SAMPLES.is_dir():
         pytest.skip(f"shared data is absent ({SAMPLES}); the browser test uploads a real X-ray")
     pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
-    pytest.importorskip("xferlearn.explain", reason="xferlearn.explain is not written yet; the page shows its heatmap")
     from xferlearn.serve import create_app, serve_in_thread
 
     tiny_run = request.getfixturevalue("tiny_run")  # trained only once nothing above has skipped

@@ -50,7 +50,8 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims a size in its header and holds no pixels: what a decompression bomb shows first."""
-    return PNG_MAGIC + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + png_chunk(b"IEND", b"")
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return PNG_MAGIC + header + png_chunk(b"IEND", b"")
 
 
 def zip_bytes() -> bytes:
@@ -289,13 +290,52 @@ def test_served_prediction_equals_xferlearn_predict(tiny_run, tmp_path):
 
 
 def test_explain_adds_a_heatmap_png(client):
-    pytest.importorskip("xferlearn.explain", reason="xferlearn.explain is not written yet")
     response = client.post("/predict", params={"explain": "true"}, **upload(encoded(square(150, seed=3))))
     assert response.status_code == 200, response.text
     png = base64.b64decode(response.json()["heatmap_png_base64"])
     assert png.startswith(PNG_MAGIC)
     with Image.open(io.BytesIO(png)) as image:
         assert image.width > 0 and image.height > 0
+
+
+def test_decode_runs_outside_the_model_lock_and_grad_cam_inside_it(tiny_run, monkeypatch):
+    import xferlearn.explain
+
+    app = create_app(tiny_run)
+    service, seen = app.state.service, {}
+    decode, explanation_png = service.predictor.decode, xferlearn.explain.explanation_png
+
+    def watched_decode(item):
+        seen["decode"] = service.model_lock.locked()
+        return decode(item)
+
+    def watched_explanation_png(predictor, item):
+        seen["explain"] = service.model_lock.locked()
+        return explanation_png(predictor, item)
+
+    monkeypatch.setattr(service.predictor, "decode", watched_decode)
+    monkeypatch.setattr(xferlearn.explain, "explanation_png", watched_explanation_png)
+    response = TestClient(app).post("/predict", params={"explain": "true"}, **upload(encoded(square(150))))
+    assert response.status_code == 200 and seen == {"decode": False, "explain": True}
+
+
+def test_explanations_and_predictions_side_by_side_all_answer(live):
+    url, _ = live
+    images = [encoded(square(level, seed=s)) for s in range(3) for level in (0, 150)]
+    with httpx.Client(base_url=url, timeout=120) as http:
+        alone = [http.post("/predict", **upload(data)).json()["probabilities"] for data in images]
+
+        def both(data):
+            explained = http.post("/predict", params={"explain": "true"}, **upload(data))
+            return explained, http.post("/predict", **upload(data))
+
+        with ThreadPoolExecutor(2 * len(images)) as pool:
+            answers = list(pool.map(both, images + images))
+    for expected, (explained, plain) in zip(alone + alone, answers):
+        assert explained.status_code == plain.status_code == 200
+        assert base64.b64decode(explained.json()["heatmap_png_base64"]).startswith(PNG_MAGIC)
+        assert plain.json()["probabilities"] == pytest.approx(expected, abs=1e-5)
+        assert explained.json()["probabilities"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_cli_serve_refuses_a_taken_port_and_a_bad_limit(tiny_run, capsys):

@@ -92,6 +92,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make run folders unreadable to colleagues
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

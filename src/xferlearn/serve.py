@@ -1,17 +1,15 @@
 """The HTTP service: a trained run behind `POST /predict`, `GET /health`, `GET /model` and an upload page.
 
-`create_app(run)` gives a FastAPI app; `serve(run)` runs it with uvicorn (127.0.0.1 by
-default). An upload is decoded with `predictor.decode(bytes)`, exactly as `xferlearn
-predict` decodes a file, so both give the same answer for the same image. Every bad
-request gets a 4xx and a one-line JSON `{"error": ...}`, and the server goes on: the body
-is counted as it arrives and refused past the limit, the image's pixel count is read from
-its header before anything is decoded, and only a fixed number of decodes run at once,
-which bounds the memory a burst of large uploads can take.
+`create_app(run)` gives a FastAPI app; `serve(run)` runs it with uvicorn on 127.0.0.1. An
+upload is decoded with `predictor.decode(bytes)`, as `xferlearn predict` decodes a file, so
+both give the same answer. A bad request gets a 4xx and a one-line JSON `{"error": ...}`
+and the server goes on: the body is counted as it arrives and refused past the limit, the
+pixel count is read from the header before decoding, and a fixed number of decodes run at
+once, which bounds the memory a burst of large uploads can take.
 
-Decoding runs in the thread pool, outside any lock. Requests that reach the model while
-it is busy wait on one lock and are then run together as one batch (the waiter that gets
-the lock takes everything queued), so a burst costs few forward passes and no request
-waits for a timer. Grad-CAM registers hooks on the model, so explanations hold that lock too.
+Decoding runs in the thread pool, outside any lock. Requests reaching a busy model wait on
+one lock; whoever gets it runs everything queued as one batch, so a burst costs few forward
+passes and nobody waits for a timer. Grad-CAM hooks the model, so explanations hold the lock.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -51,8 +50,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 2**20
-# Far above any radiograph (a 43x43 cm detector at 100 um is ~18 MP) and half of what the
-# decoder itself allows: a 50 MP RGB decode already takes 150 MB per request.
+# Far above any radiograph (~18 MP) and half the decoder's own bound: a 50 MP decode takes 150 MB.
 DEFAULT_MAX_PIXELS = 50_000_000
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
 CHUNK = 1 << 20
@@ -152,11 +150,9 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limit:
-            status = 413 if length.isdigit() else 400
-            return await _error(status, _too_large(self.limit - MULTIPART_SLACK) if status == 413
-                                else "invalid Content-Length header")(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")  # the server has checked it is a number
+        if length.isdigit() and int(length) > self.limit:
+            return await _error(413, _too_large(self.limit - MULTIPART_SLACK))(scope, receive, send)
         received, started = 0, False
 
         async def counted_receive():
@@ -223,14 +219,14 @@ class _Service:
         """Refuse absurd pixel counts from the header alone, before any pixel is decoded."""
         try:
             with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-        except Image.DecompressionBombError:
-            width, height = math.inf, 1
+                size = image.size
+        except Image.DecompressionBombError:  # over twice PIL's own bound
+            size = None
         except Exception:  # not an image at all: decode says why, in the same words as predict
             return
-        if width * height > self.max_pixels:
-            raise HTTPException(422, f"{name}: too many pixels ({width} x {height}); this server takes "
-                                     f"images of at most {self.max_pixels / 1e6:g} megapixels")
+        if size is None or size[0] * size[1] > self.max_pixels:
+            raise HTTPException(422, f"{name}: too many pixels ({'%d x %d' % size if size else 'over 200 million'});"
+                                     f" this server takes images of at most {self.max_pixels / 1e6:g} megapixels")
 
     def predict(self, data: bytes, name: str, explain: bool) -> dict:
         self.check_pixels(data, name)
@@ -273,16 +269,13 @@ async def _read_limited(file: UploadFile, limit: int) -> bytes:
 
 
 def _validation_message(errors) -> str:
-    parts = []
-    for error in errors:
+    def one(error) -> str:
         where = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
-        if where == "file" and error.get("type") == "missing":
-            parts.append("missing form field 'file': send the image as multipart/form-data in a field named 'file'")
-        elif where == "file":
-            parts.append("the form field 'file' must be a file upload, not a text value")
-        else:
-            parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
+        if where == "file":
+            return ("missing form field 'file': send the image as multipart/form-data in a field named 'file'"
+                    if error.get("type") == "missing" else "the form field 'file' must be a file upload, not text")
+        return f"{where}: {error.get('msg', 'invalid')}"
+    return "; ".join(one(error) for error in errors)
 
 
 # --- the app --------------------------------------------------------------------------
@@ -363,28 +356,25 @@ def _listen(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except OSError as error:
-        raise XferlearnError(f"cannot listen on {host}:{port}: {error.strerror or error} "
+    except (OSError, OverflowError) as error:  # taken, not ours to take, or not a port number
+        raise XferlearnError(f"cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error} "
                              "(is another server using it? choose another --port).") from None
     return sock
 
 
-def _url(host: str, sock: socket.socket) -> str:
-    return f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:
     """Serve a run over HTTP until interrupted."""
-    import sys
-
     import uvicorn
 
-    if not 0 <= port <= 65535:
-        raise XferlearnError(f"--port must be between 0 and 65535, not {port}.")
     app = create_app(run, max_upload_bytes)
     sock = _listen(host, port)
-    print(f"xferlearn: serving {app.state.service.model_id} at {_url(host, sock)}/ "
+    print(f"xferlearn: serving {app.state.service.model_id} at {_url(sock)}/ "
           "(upload page at /, API docs at /docs); Ctrl+C stops.", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 
@@ -401,9 +391,9 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_le
     try:
         while not server.started:
             if not thread.is_alive():
-                raise XferlearnError(f"the server on {_url(host, sock)} stopped while starting; see its log.")
+                raise XferlearnError(f"the server on {_url(sock)} stopped while starting; see its log.")
             time.sleep(0.02)
-        yield _url(host, sock)
+        yield _url(sock)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

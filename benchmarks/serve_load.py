@@ -1,0 +1,175 @@
+"""Load on `xferlearn serve`: requests/s and latency for real X-ray uploads over 127.0.0.1.
+
+    python benchmarks/serve_load.py [--run RUN] [--requests 500] [--concurrency 16] [--explain]
+
+Without --run it first trains efficientnet_lite0 (packaged weights, offline) on a small
+slice of ../shared/data/chest_xray_224/train. The server runs as its own process
+(`python -m xferlearn.cli serve RUN`), as a user would start it, on a free port of
+127.0.0.1. The load comes from httpx's async client with at most --concurrency requests
+in flight; it sends the bounded number of requests (original-size X-rays from
+../shared/data/samples_original unless --images says otherwise), prints its figures with
+the machine and the command that made them, stops the server and exits (1 if any failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_small_run(workdir: Path, per_class: int) -> Path:
+    """efficientnet_lite0 on the first `per_class` images of each class of the shared train split."""
+    from xferlearn.train import train
+
+    source = SHARED / "chest_xray_224" / "train"
+    if not source.is_dir():
+        sys.exit(f"no --run given and the shared data is absent ({source}): pass --run RUN_DIR")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (workdir / "data" / cls).mkdir(parents=True)
+        for path in sorted((source / cls).glob("*.jpeg"))[:per_class]:
+            shutil.copy(path, workdir / "data" / cls / path.name)
+    started = time.perf_counter()
+    result = train(data=str(workdir / "data"), out=str(workdir / "run"), backbone="efficientnet_lite0",
+                   epochs=10, views=0, cache_dir=str(workdir / "cache"))
+    print(f"trained efficientnet_lite0 on {2 * per_class} images in {time.perf_counter() - started:.0f} s "
+          f"(validation AUC {result.metrics.get('auc')})", file=sys.stderr)
+    return result.run_dir
+
+
+def start_server(run: Path, port: int, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    server = subprocess.Popen([sys.executable, "-m", "xferlearn.cli", "serve", str(run), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    with httpx.Client(trust_env=False, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                sys.exit(f"the server exited with {server.returncode}:\n{log_path.read_text()[-2000:]}")
+            try:
+                if client.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+    server.terminate()
+    sys.exit(f"the server did not answer /health within 180 s:\n{log_path.read_text()[-2000:]}")
+
+
+async def send_load(url: str, images: list[tuple[str, bytes]], requests: int, concurrency: int,
+                    explain: bool) -> tuple[list[float], list[str], float]:
+    """Send `requests` uploads, at most `concurrency` at once; (latencies of successes, errors, wall seconds)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_index = 0
+    params = {"explain": "true"} if explain else {}
+
+    async def worker(client: httpx.AsyncClient):
+        nonlocal next_index
+        while next_index < requests:
+            name, data = images[next_index % len(images)]
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                response = await client.post("/predict", params=params, files={"file": (name, data, "image/jpeg")})
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+            except httpx.HTTPError as error:
+                errors.append(f"{type(error).__name__}: {error}")
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300, trust_env=False) as client:
+        for name, data in images[:2]:  # warm-up, not counted: first calls allocate and load lazily
+            await client.post("/predict", params=params, files={"file": (name, data, "image/jpeg")})
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, help="a run folder; without it, efficientnet_lite0 is trained first")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--images", type=Path, default=SHARED / "samples_original",
+                        help="a folder of images to upload (default: the shared original-size X-rays)")
+    parser.add_argument("--explain", action="store_true", help="ask for Grad-CAM heatmaps too")
+    parser.add_argument("--train-per-class", type=int, default=40, help="images per class for the quick run")
+    args = parser.parse_args()
+    if args.requests < 1 or args.concurrency < 1:
+        parser.error("--requests and --concurrency must be at least 1")
+    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if args.images.is_dir() else []
+    if not paths:
+        sys.exit(f"no images under {args.images}: pass --images DIR")
+    images = [(p.name, p.read_bytes()) for p in paths]
+
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+        run = args.run or train_small_run(Path(tmp), args.train_per_class)
+        port = free_port()
+        server = start_server(run, port, Path(tmp) / "server.log")
+        try:
+            card = httpx.get(f"http://127.0.0.1:{port}/model", trust_env=False).json()
+            latencies, errors, wall = asyncio.run(send_load(f"http://127.0.0.1:{port}", images, args.requests,
+                                                            args.concurrency, args.explain))
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+    sizes = [len(data) for _, data in images]
+    done = len(latencies)
+    print(f"xferlearn serve under load: {args.requests} requests, {args.concurrency} in flight"
+          f"{', with Grad-CAM' if args.explain else ''}")
+    print(f"  model            {card['model_id']} at {card['input_size']} px"
+          f" ({run if args.run else 'trained for this benchmark'})")
+    print(f"  images           {len(images)} files from {args.images}, {min(sizes) // 1024}-{max(sizes) // 1024} KB")
+    print(f"  throughput       {done / wall:.1f} requests/s ({done} answered in {wall:.1f} s)")
+    if latencies:
+        p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+        print(f"  latency          p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    print(f"  errors           {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"  machine          {usable} usable cores of {os.cpu_count()}, {cpu_model()}, "
+          f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+    print(f"  command          {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
