@@ -106,10 +106,11 @@ def test_target_sensitivity_is_met_with_the_highest_threshold():
         threshold = choose_threshold(y, p_pos, "target_sensitivity", target_sensitivity=target)
         sensitivity = (p_pos[y == 1] >= threshold).mean()
         assert sensitivity >= target
-        # Any higher threshold would miss the target: the next positive score up falls short.
-        higher = np.sort(p_pos[y == 1][p_pos[y == 1] > threshold])
-        if higher.size:
-            assert (p_pos[y == 1] >= higher[0]).mean() < target
+        # Any threshold above the lowest positive score it keeps would miss the target.
+        lowest_kept = p_pos[y == 1][p_pos[y == 1] >= threshold].min()
+        assert (p_pos[y == 1] > lowest_kept).mean() < target
+        # ...and it sits midway below that score, on no validation score at all.
+        assert threshold < lowest_kept and not np.isin(threshold, p_pos)
 
 
 def test_choose_threshold_rejects_bad_input():
@@ -123,7 +124,8 @@ def test_choose_threshold_rejects_bad_input():
 
 def test_choose_threshold_with_pos_label_zero():
     y = np.array([0, 0, 1, 1])  # class 0 is positive here
-    assert choose_threshold(y, [0.9, 0.7, 0.2, 0.1], pos_label=0) == pytest.approx(0.7)
+    # The rule keeps 0.9 and 0.7 positive; the threshold sits midway to the next score, 0.2.
+    assert choose_threshold(y, [0.9, 0.7, 0.2, 0.1], pos_label=0) == pytest.approx(0.45)
 
 
 def test_multiclass_path():
