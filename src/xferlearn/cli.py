@@ -57,13 +57,16 @@ def add_evaluate(commands) -> None:
     parser.add_argument("--json", action="store_true", help="print metrics.json to stdout")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--no-gallery", dest="gallery", action="store_false",
+                        help="leave out the error gallery (the most confident mistakes with Grad-CAM heatmaps)")
     parser.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args) -> int:
     from .evaluate import evaluate
 
-    metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap)
+    metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap,
+                       gallery=args.gallery)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -81,14 +84,23 @@ def add_predict(commands) -> None:
     parser.add_argument("--format", choices=("csv", "json"), default="csv")
     parser.add_argument("--output", "-o", help="write to this file instead of stdout")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="(--engine torch)")
+    parser.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                        help="onnx: ONNX Runtime on RUN/export/model.onnx, exported there on first use")
     parser.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:
     from .predict import expand_paths, load, write_rows
 
-    predictor = load(args.run, precision=args.precision)
+    if args.engine == "onnx":
+        from .export import load_onnx
+
+        if args.precision != "fp32":
+            raise XferlearnError("--precision applies to --engine torch; ONNX Runtime runs the fp32 export.")
+        predictor = load_onnx(args.run)
+    else:
+        predictor = load(args.run, precision=args.precision)
     paths = expand_paths(args.paths)
     rows = predictor.iter_predict(paths, batch_size=args.batch_size)
     if args.output:
@@ -145,7 +157,49 @@ def run_serve(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_evaluate, add_predict, add_backbones, add_serve]
+def add_explain(commands) -> None:
+    parser = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, one PNG per image",
+                                 description="Write NAME.gradcam.png into --out for each image: the image, its "
+                                             "Grad-CAM overlay for the predicted class, and the prediction. "
+                                             "Exits 1 when some files could not be read (the rest are written).")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
+    parser.add_argument("paths", nargs="+", help="image files and/or folders")
+    parser.add_argument("--out", default=".", help="folder for the PNGs (default: the current folder)")
+    parser.set_defaults(func=run_explain)
+
+
+def run_explain(args) -> int:
+    from .explain import explain_files
+
+    skipped = []
+
+    def report_skip(path, reason):
+        skipped.append(path)
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+    for path in explain_files(args.run, args.paths, args.out, on_skip=report_skip):
+        print(path)
+    return 1 if skipped else 0
+
+
+def add_export(commands) -> None:
+    parser = commands.add_parser("export", help="export a run as ONNX or TorchScript, with a model.json sidecar")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
+    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--out", help="folder to write into (default: RUN/export)")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from .export import export
+
+    written = export(args.run, args.format, args.out)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+COMMANDS = [add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,8 +39,12 @@ def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_s
 
 
 def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 64,
-             n_boot: int = 1000, cache_dir: str | None = None, precision: str = "fp32") -> dict:
-    """Evaluate the run's model on `data` and write the report into `out` (default: the run folder)."""
+             n_boot: int = 1000, cache_dir: str | None = None, precision: str = "fp32",
+             gallery: bool = True) -> dict:
+    """Evaluate the run's model on `data` and write the report into `out` (default: the run folder).
+
+    With `gallery` (two classes only), the report shows the most confident false positives and
+    false negatives with their Grad-CAM heatmaps."""
     run = Path(run)
     predictor = load(run, precision=precision)
     root = evaluation_root(Path(data), predictor.classes)
@@ -58,8 +62,14 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
                 "weights": checkpoint.weights, "checkpoint": str((run / "model.pt").resolve()) if run.is_dir() else str(run),
                 "temperature": round(checkpoint.temperature, 4)}
     history = run / "logs" / "metrics.csv" if run.is_dir() else None
-    write_report(Path(out) if out else (run if run.is_dir() else run.parent), metrics, labels, probs,
-                 predictor.classes, title="xferlearn evaluation", run_info=run_info,
-                 history_csv=history, intervals=intervals)
+    out_dir = Path(out) if out else (run if run.is_dir() else run.parent)
+    gallery_section = None
+    if gallery:
+        from .explain import error_gallery  # here, so `import xferlearn` does not load Grad-CAM and OpenCV
+
+        gallery_section = error_gallery(predictor, manifest.paths, labels, probs, out_dir)
+    write_report(out_dir, metrics, labels, probs, predictor.classes, title="xferlearn evaluation",
+                 run_info=run_info, history_csv=history, intervals=intervals,
+                 extra_sections=[gallery_section] if gallery_section else None)
     metrics["intervals"] = intervals
     return metrics

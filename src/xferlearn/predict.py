@@ -41,37 +41,21 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-class Predictor:
-    """A trained classifier ready to use; build it with `load(run_dir)`."""
+class BasePredictor:
+    """What every engine shares: decoding as training did, the decision rule, result rows and
+    streaming. An engine (PyTorch here, ONNX Runtime in export.py) supplies `probabilities`."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str = "fp32"):
-        self.checkpoint = checkpoint
-        self.classes = checkpoint.classes
-        self.threshold = checkpoint.threshold
-        self.positive_index = checkpoint.positive_index
-        self.temperature = checkpoint.temperature
-        self.preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = resolve_precision(precision, self.device)
-        self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)
+    def __init__(self, classes: list[str], threshold: float | None, positive_index: int | None,
+                 temperature: float, preprocessing: Preprocessing):
+        self.classes = classes
+        self.threshold = threshold
+        self.positive_index = positive_index
+        self.temperature = temperature
+        self.preprocessing = preprocessing
 
-    # --- the numeric core -------------------------------------------------------------
-    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 -> the normalised float tensor the network takes."""
-        x = normalize(batch, self.preprocessing.mean, self.preprocessing.std)
-        return x.to(self.device).contiguous(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        x = self.to_input(batch)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.model(x).float()
-        return self.model(x).float()
-
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+    def probabilities(self, batch) -> np.ndarray:
         """(N, 3, H, W) uint8 -> (N, C) calibrated class probabilities."""
-        return (self.logits(batch) / self.temperature).softmax(dim=1).cpu().numpy()
+        raise NotImplementedError
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class indices: the validation threshold on the positive class for two classes, argmax otherwise."""
@@ -130,6 +114,35 @@ class Predictor:
         single = not isinstance(items, (list, tuple))
         rows = list(self.iter_predict([items] if single else items, batch_size))
         return rows[0] if single else rows
+
+
+class Predictor(BasePredictor):
+    """A trained classifier ready to use, computing with PyTorch; build it with `load(run_dir)`."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str = "fp32"):
+        super().__init__(checkpoint.classes, checkpoint.threshold, checkpoint.positive_index,
+                         checkpoint.temperature, Preprocessing.from_dict(checkpoint.preprocessing))
+        self.checkpoint = checkpoint
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(precision, self.device)
+        self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)
+
+    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 -> the normalised float tensor the network takes."""
+        x = normalize(batch, self.preprocessing.mean, self.preprocessing.std)
+        return x.to(self.device).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        x = self.to_input(batch)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.model(x).float()
+        return self.model(x).float()
+
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) uint8 -> (N, C) calibrated class probabilities."""
+        return (self.logits(batch) / self.temperature).softmax(dim=1).cpu().numpy()
 
 
 def load(run: str | Path, device: str | None = None, precision: str = "fp32") -> Predictor:
