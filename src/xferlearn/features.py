@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +22,9 @@ from torch.utils.data import DataLoader
 from .augment import normalize, train_transform
 from .data import ImageDataset
 from .images import DecodeCache, atomic_write_bytes, default_cache_dir
+from .inference import FastForward, cpu_supports_bf16, resolve_precision  # noqa: F401 (re-exported)
 
 FEATURE_FORMAT = 1  # bump when the way features are computed changes
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where the hardware computes it natively, else 'fp32'."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 def default_workers() -> int:
@@ -52,28 +33,32 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(8, cores // 2)
 
 
-class FeatureExtractor:
-    """Pooled pre-logits features of a timm model, in inference mode."""
+class PooledFeatures(torch.nn.Module):
+    """A timm model cut before its classifier: (N, 3, H, W) -> (N, F) pooled pre-logits features."""
 
-    def __init__(self, model: torch.nn.Module, preprocessing, precision: str = "auto", device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        # Some heads (VGG's) pool after their pre-logits layers: pool what is still spatial.
+        return features if features.ndim == 2 else features.flatten(2).mean(-1)
+
+
+class FeatureExtractor:
+    """Pooled pre-logits features of a frozen timm model, through the fast inference path."""
+
+    def __init__(self, model: torch.nn.Module, preprocessing, precision: str = "auto", device: str | None = None,
+                 compile: str | bool = "off", n_images: int | None = None, batch_size: int = 64):
+        self.forward = FastForward(PooledFeatures(model), precision, device, compile, n_images, batch_size)
+        self.precision = self.forward.precision
         self.preprocessing = preprocessing
 
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """(N, 3, H, W) uint8 -> (N, F) float32 features."""
         x = normalize(batch, self.preprocessing.mean, self.preprocessing.std)
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return features.float().cpu().numpy()
+        return self.forward(x).numpy()
 
 
 def feature_key(arch: str, weights_tag: str, preprocessing, precision: str) -> str:
@@ -104,6 +89,10 @@ class FeatureStore:
                 return dict(zip(stored["digests"].tolist(), stored["features"]))
         except (OSError, ValueError, KeyError):
             return {}  # a damaged store is recomputed, not trusted
+
+    def count_missing(self, view: str, digests) -> int:
+        known = self.load(view)
+        return sum(d not in known for d in digests)
 
     def save(self, view: str, rows: dict[str, np.ndarray]) -> None:
         buffer = io.BytesIO()
