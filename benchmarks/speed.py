@@ -1,0 +1,394 @@
+"""Speed, side by side on one machine and one data folder: the article's Keras pipeline and xferlearn.
+
+    pip install -e '.[bench]'        # tensorflow-cpu, for the Keras reference
+    python benchmarks/speed.py [--data DIR] [--limit N] [--skip-keras] [--out results.md]
+
+In one run, each step a subprocess of its own (TensorFlow and PyTorch never share a process,
+and every xferlearn figure is a user's command timed end to end, start-up included):
+1. the Keras reference (benchmarks/keras_reference.py): the article's VGG16 pipeline, timed over
+   a few `model.fit` steps after a warm-up and projected to 5 epochs of the folder's images;
+2. xferlearn's equivalent of the article's recipe, `xferlearn train DATA --backbone vgg16
+   --weights none --recipe linear --augment article --views 1 --epochs 5`, with a fresh cache,
+   then once more on the now warm cache (what a second experiment on the same data costs);
+3. xferlearn's default recipe (`xferlearn train DATA --out RUN`), fresh cache;
+4. `xferlearn predict` on the whole folder with the default run, per engine: PyTorch fp32, PyTorch
+   bf16, and ONNX Runtime where `xferlearn predict --help` offers `--engine onnx` (exported first,
+   timed apart); then the AUC of each against fp32, from the CSVs and the folder labels, on the
+   run's validation split and on all images. They must agree within 0.002 (exit 1 otherwise).
+
+It prints a markdown table of the times and ratios (Keras's projection / xferlearn's time), the
+machine, the versions and the command that made them, and writes it to --out if given.
+
+Augmentation is not drawn the same way. Keras draws a fresh random shear/zoom/flip of every image
+in every epoch: 5 epochs are 5 augmented passes of VGG16 over every image. xferlearn's linear
+recipe computes frozen features once per image and view and caches them: `--views K` gives K
+augmented views per training image (the same preset: shear 0.2 degrees, zoom 0.8-1.2, flip),
+beside the clean image, fixed per (image, view, seed) and reused by every epoch and every later
+run. The default, K = 1 (as in xferlearn's default recipe), is 0.8 x 2 + 0.2 = 1.8 passes of
+VGG16 per image where Keras's 5 epochs make 5; `--views 5` makes as many passes as Keras. In
+both cases xferlearn's epochs recycle the cached draws where Keras's see new ones. The report
+spells this out, with the preset's two small departures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED_TRAIN = HERE.parents[0].parent / "shared" / "data" / "chest_xray_224" / "train"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+XFERLEARN = [sys.executable, "-m", "xferlearn.cli"]
+AGREEMENT = 0.002  # largest AUC difference between an engine and PyTorch fp32 that passes
+
+
+# --- data and machine -------------------------------------------------------------------------
+def class_files(data: Path) -> dict[str, list[Path]]:
+    folders = sorted(d for d in data.iterdir() if d.is_dir())
+    files = {d.name: sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+             for d in folders}
+    if len(files) < 2 or not all(files.values()):
+        sys.exit(f"speed: {data} needs at least two class folders with images in them")
+    return files
+
+
+def subset_folder(data: Path, limit: int, dest: Path) -> Path:
+    """A folder of symlinks to `limit` images of `data`, classes in their proportions, spread evenly
+    over each class's sorted files (so over many patients, not the first few)."""
+    files = class_files(data)
+    total = sum(len(v) for v in files.values())
+    if limit < 12 * len(files):
+        sys.exit(f"speed: --limit {limit} is too small for a validation split; use at least {12 * len(files)}")
+    for name, paths in files.items():
+        take = max(6, round(limit * len(paths) / total))
+        step = len(paths) / take
+        (dest / name).mkdir(parents=True)
+        for k in range(min(take, len(paths))):
+            source = paths[int(k * step)]
+            (dest / name / source.name).symlink_to(source.resolve())
+    return dest
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores,
+            "flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")}}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("xferlearn", "torch", "torchvision", "timm", "lightning", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+# --- running the steps ------------------------------------------------------------------------
+def timed(command: list[str], env: dict | None = None) -> float:
+    """Run a command as a user would, its output passing through; seconds from start to exit."""
+    print(f"\n$ {shlex.join(command)}", flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"speed: this command failed with exit status {done.returncode}:\n  {shlex.join(command)}")
+    return seconds
+
+
+def keras_reference(data: Path, images: int, steps: int, warmup: int, work: Path) -> dict:
+    result_file = work / "keras.json"
+    command = [sys.executable, str(HERE / "keras_reference.py"), str(data), "--steps", str(steps),
+               "--warmup", str(warmup), "--images", str(images), "--json", str(result_file)]
+    seconds = timed(command)
+    result = json.loads(result_file.read_text())
+    result["wall_s"] = seconds
+    return result
+
+
+def train_run(name: str, data: Path, options: list[str], work: Path, cache: Path) -> dict:
+    run = work / "runs" / name
+    command = [*XFERLEARN, "train", str(data), "--out", str(run), *options, "--cache-dir", str(cache)]
+    seconds = timed(command, {"XFERLEARN_CACHE": str(cache)})
+    metrics = json.loads((run / "validation_metrics.json").read_text())
+    return {"name": name, "command": shlex.join(command), "seconds": seconds, "run": run,
+            "val_auc": metrics.get("auc")}
+
+
+def predict_engines() -> list[tuple[str, list[str]]]:
+    """The predict variants this xferlearn offers, read from its own --help."""
+    help_text = subprocess.run([*XFERLEARN, "predict", "--help"], capture_output=True, text=True).stdout
+    engines = [("PyTorch fp32", ["--precision", "fp32"])]
+    if "bf16" in help_text:
+        engines.append(("PyTorch bf16", ["--precision", "bf16"]))
+    if "--engine" in help_text and "onnx" in help_text:
+        engines.append(("ONNX Runtime", ["--engine", "onnx"]))
+    return engines
+
+
+def predict_run(label: str, flags: list[str], run: Path, data: Path, work: Path) -> dict:
+    output = work / f"predict-{label.lower().replace(' ', '-')}.csv"
+    command = [*XFERLEARN, "predict", str(run), str(data), *flags, "--output", str(output)]
+    seconds = timed(command, {"XFERLEARN_CACHE": str(work / "cache-default")})
+    with open(output, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {"label": label, "command": shlex.join(command), "seconds": seconds, "rows": rows,
+            "images_per_s": len(rows) / seconds}
+
+
+# --- agreement between engines ----------------------------------------------------------------
+def scores(rows: list[dict], positive: str) -> dict[tuple[str, str], tuple[int, float, str]]:
+    """(class folder, file name) -> (is positive, probability of the positive class, decided class)."""
+    out = {}
+    for row in rows:
+        if row["error"]:
+            continue
+        path = Path(row["file"])
+        out[(path.parent.name, path.name)] = (int(path.parent.name == positive), float(row[f"p_{positive}"]),
+                                              row["class"])
+    return out
+
+
+def auc(scored: dict, keys) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    keys = [k for k in keys if k in scored]
+    truth = [scored[k][0] for k in keys]
+    if len(set(truth)) < 2:  # a tiny --limit split can miss a class: no AUC, and no agreement claimed
+        return float("nan")
+    return float(roc_auc_score(truth, [scored[k][1] for k in keys]))
+
+
+def auc_step(scored: dict, keys) -> float:
+    """The smallest change in AUC one swapped (positive, negative) pair makes: below it, two AUCs
+    cannot be told apart, so a tolerance smaller than this step cannot be judged on these images."""
+    truth = [scored[k][0] for k in keys if k in scored]
+    pairs = sum(truth) * (len(truth) - sum(truth))
+    return 1.0 / pairs if pairs else float("inf")
+
+
+def agreement(predictions: list[dict], run: Path) -> list[dict]:
+    """Each engine against the first (PyTorch fp32): AUC on the run's validation split and on all
+    images, the largest probability difference, and how often the decided class is the same."""
+    from xferlearn.checkpoint import load_checkpoint
+
+    positive = load_checkpoint(run).positive_class
+    split = json.loads((run / "split.json").read_text())
+    val_keys = [(Path(s["path"]).parent.name, Path(s["path"]).name) for s in split["val"]]
+    reference = scores(predictions[0]["rows"], positive)
+    rows = []
+    for prediction in predictions:
+        scored = scores(prediction["rows"], positive)
+        common = [k for k in reference if k in scored]
+        row = {"label": prediction["label"], "n": len(scored), "n_val": sum(k in scored for k in val_keys),
+               "max_dp": max(abs(scored[k][1] - reference[k][1]) for k in common),
+               "same_class": sum(scored[k][2] == reference[k][2] for k in common) / len(common),
+               "unjudged": []}
+        verdicts = []
+        for name, keys in (("val", val_keys), ("all", list(scored))):
+            row[f"auc_{name}"] = auc(scored, keys)
+            row[f"d_auc_{name}"] = row[f"auc_{name}"] - auc(reference, keys)
+            # A set where one swapped pair moves the AUC by more than the tolerance (the validation
+            # split of a small --limit run) can neither pass nor fail: it is named, not judged.
+            step = auc_step(scored, keys)
+            if step > AGREEMENT:
+                label = "validation" if name == "val" else "all images"
+                row["unjudged"].append(f"{label} (one pair = {step:.4f})" if step < float("inf")
+                                       else f"{label} (one class only)")
+            else:
+                verdicts.append(abs(row[f"d_auc_{name}"]) <= AGREEMENT)
+        row["agrees"] = all(verdicts) if verdicts else None
+        rows.append(row)
+    return rows
+
+
+# --- the report -------------------------------------------------------------------------------
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s ({seconds / 60:.1f} min)"
+
+
+def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, trains: list[dict],
+             predictions: list[dict], export_s: float | None, agree: list[dict], loads: tuple[str, str]) -> str:
+    command = shlex.join([sys.executable, *sys.argv])
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["flags"].items())
+    soft = ", ".join(f"{k} {v}" for k, v in versions().items())
+    if keras:
+        soft += f", TensorFlow {keras['versions']['tensorflow']}, {keras['versions']['keras']}"
+    lines = [
+        "# Speed: the article's Keras pipeline vs xferlearn, same machine, same data",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine['cpu']}, {machine['cores']} usable cores; {flags}",
+        f"- load average (1, 5, 15 min) at start: {loads[0]}; at end: {loads[1]}",
+        f"- versions: {soft}",
+        f"- data: {data} ({images} images" + (f", a --limit {args.limit} subset of {args.data}" if args.limit else "")
+        + ")",
+        "",
+        "## Training",
+        "",
+        "| what | time | Keras projected / this | validation AUC |",
+        "|---|---|---|---|",
+    ]
+    reference_s = keras["projected_s"] if keras else None
+    if keras:
+        lines.append(f"| Keras reference: article pipeline, VGG16, 5 epochs x {images} images (projected from "
+                     f"{keras['images_per_s']:.2f} img/s over {keras['timed_steps']} steps of "
+                     f"{keras['batch_size']}) | {minutes(keras['projected_s'])} | 1.00 | not measured |")
+    for train in trains:
+        ratio = f"{reference_s / train['seconds']:.2f}" if reference_s else "n/a (--skip-keras)"
+        val_auc = "n/a" if train["val_auc"] is None else f"{train['val_auc']:.4f}"
+        lines.append(f"| {train['what']} | {minutes(train['seconds'])} | {ratio} | {val_auc} |")
+    lines += ["", "Commands:", ""]
+    if keras:
+        lines.append(f"- Keras reference: `{keras['command']}` (pipeline: {keras['pipeline']})")
+    lines += [f"- {train['what']}: `{train['command']}`" for train in trains]
+    lines += ["", f"## Prediction: `xferlearn predict` on all {images} images, end to end "
+                  "(start-up, model load, JPEG decoding, CSV)", "",
+              "| engine | time | images/s |", "|---|---|---|"]
+    lines += [f"| {p['label']} | {p['seconds']:.1f} s | {p['images_per_s']:.1f} |" for p in predictions]
+    if export_s is not None:
+        lines.append(f"\nThe ONNX export (`xferlearn export RUN --format onnx`) took {export_s:.1f} s, before and "
+                     "apart from the ONNX Runtime time above.")
+    lines += ["", "Commands:", ""] + [f"- {p['label']}: `{p['command']}`" for p in predictions]
+    lines += ["", f"## Agreement with PyTorch fp32 (AUC from the CSVs against the folder labels; must be within "
+                  f"{AGREEMENT})", "",
+              "| engine | AUC validation split (n) | diff | AUC all images (n) | diff | max abs prob diff | "
+              "same class | within 0.002 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {a['label']} | {a['auc_val']:.5f} ({a['n_val']}) | {a['d_auc_val']:+.5f} | {a['auc_all']:.5f} "
+              f"({a['n']}) | {a['d_auc_all']:+.5f} | {a['max_dp']:.6f} | {100 * a['same_class']:.2f}% | "
+              f"{ {True: 'yes', False: 'NO', None: 'cannot tell'}[a['agrees']]}"
+              f"{'; too few images to judge ' + ', '.join(a['unjudged']) if a['unjudged'] else ''} |" for a in agree]
+    lines += ["", "## How to read this", "",
+              "- Keras's time is projected from a few timed `model.fit` steps (training steps only: its start-up and "
+              "the article's per-epoch pass over the test set are left out, in its favour). Every xferlearn time is "
+              "the whole command, start-up, scan, decoding, features, fit and checkpoint included.",
+              "- VGG16 starts from random weights on both sides (ImageNet weights cannot be fetched offline); the "
+              "computation per image is the same. xferlearn's `--precision auto` computes in bf16 where the CPU "
+              "does so natively (avx512_bf16/AMX), Keras in fp32 (its default).",
+              f"- Augmentation: Keras draws a fresh random shear/zoom/flip of every image in each of its 5 epochs "
+              f"and never shows the clean image. xferlearn's linear recipe computes the frozen features once per "
+              f"image and view and caches them: `--views {args.views}` gives {args.views} augmented views per "
+              "training image beside the clean one, fixed per (image, view, seed); its 5 epochs recycle those "
+              f"{args.views} draws where Keras's see new ones. The preset follows the article (shear 0.2 degrees, "
+              "zoom 0.8-1.2, horizontal flip) with two small differences: Keras zooms each axis independently and "
+              "fills the edges with the nearest pixel, xferlearn (torchvision RandomAffine) zooms both axes together "
+              "and fills with black.",
+              f"- The VGG16 work is about the same: Keras runs 5 passes over all N images (5N; the article trains on "
+              f"all of train and validates on the test set); xferlearn holds out 20% for validation and runs "
+              f"{args.views} augmented + 1 clean pass over the other 80% and one over the validation 20%: "
+              f"N x (0.8 x {args.views + 1} + 0.2) = {0.8 * (args.views + 1) + 0.2:.1f}N.",
+              "- The warm-cache run is the same command again on the same cache: features are read back, only the "
+              "head trains (what a second experiment on the same data costs). The Keras pipeline has no such cache: "
+              "each run costs the full projection again.",
+              ]
+    if args.limit:
+        lines += ["- This is a --limit smoke run: start-up dominates every time above, and the ratios say "
+                  "nothing about the full-size figures."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(SHARED_TRAIN), help="a folder of class folders "
+                        "(default: ../shared/data/chest_xray_224/train)")
+    parser.add_argument("--limit", type=int, help="use N images of DATA (symlinks, classes in proportion): smoke runs")
+    parser.add_argument("--skip-keras", action="store_true", help="leave out the Keras reference")
+    parser.add_argument("--out", help="also write the markdown report to this file")
+    parser.add_argument("--views", type=int, default=1, help="augmented views in the article-recipe run (default: 1, as the default recipe)")
+    parser.add_argument("--keras-steps", type=int, default=10, help="timed Keras steps (default: 10)")
+    parser.add_argument("--keras-warmup", type=int, default=2, help="untimed Keras steps first (default: 2)")
+    parser.add_argument("--no-warm-run", dest="warm_run", action="store_false",
+                        help="leave out the second, warm-cache run of the article recipe")
+    parser.add_argument("--workdir", help="keep runs, caches and CSVs here (default: a temporary folder, removed)")
+    args = parser.parse_args(argv)
+
+    source = Path(args.data)
+    if not source.is_dir():
+        sys.exit(f"speed: no such data folder: {source} (the shared data is absent here? pass --data DIR)")
+    if args.workdir:
+        work = Path(args.workdir)
+        if work.exists() and any(work.iterdir()):
+            sys.exit(f"speed: --workdir {work} is not empty; the caches must start fresh")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="xferlearn-speed-"))
+    try:
+        return benchmark(args, source, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def benchmark(args, source: Path, work: Path) -> int:
+    data = subset_folder(source, args.limit, work / "data") if args.limit else source
+    images = sum(len(v) for v in class_files(data).values())
+    machine, start_load = cpu_info(), load_average()
+    print(f"speed: {images} images in {data}; work folder {work}; load average {start_load}", flush=True)
+
+    keras = None
+    if not args.skip_keras:
+        keras = keras_reference(data, images, args.keras_steps, args.keras_warmup, work)
+
+    article = ["--backbone", "vgg16", "--weights", "none", "--recipe", "linear", "--augment", "article",
+               "--views", str(args.views), "--epochs", "5"]
+    trains = []
+    cold = train_run("article-vgg16", data, article, work, work / "cache-article")
+    cold["what"] = f"xferlearn, article recipe (VGG16, linear, --views {args.views}, 5 epochs), fresh cache"
+    trains.append(cold)
+    if args.warm_run:
+        warm = train_run("article-vgg16-warm", data, article, work, work / "cache-article")
+        warm["what"] = "the same again, warm cache"
+        trains.append(warm)
+    default = train_run("default", data, [], work, work / "cache-default")
+    default["what"] = "xferlearn default recipe (`xferlearn train DATA --out RUN`), fresh cache"
+    trains.append(default)
+
+    engines = predict_engines()
+    export_s = None
+    if any("--engine" in flags for _, flags in engines):
+        # Export apart, so the ONNX Runtime figure is prediction alone (predict would export on first use).
+        export_s = timed([*XFERLEARN, "export", str(default["run"]), "--format", "onnx"],
+                         {"XFERLEARN_CACHE": str(work / "cache-default")})
+    predictions = [predict_run(label, flags, default["run"], data, work) for label, flags in engines]
+    agree = agreement(predictions, default["run"])
+
+    report = markdown(args, data, images, machine, keras, trains, predictions, export_s, agree,
+                      (start_load, load_average()))
+    print("\n" + report, flush=True)
+    if args.out:
+        from xferlearn.images import atomic_write_bytes
+        atomic_write_bytes(Path(args.out), report.encode())
+        print(f"speed: written to {args.out}")
+    if args.workdir:
+        print(f"speed: runs, caches and CSVs kept in {work}")
+    return 1 if any(a["agrees"] is False for a in agree) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
