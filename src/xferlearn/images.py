@@ -87,8 +87,11 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename, so a reader never sees half a file, even after a crash or a full disk."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write-then-rename, so a reader never sees half a file, even after a crash or a full disk.
+
+    `durable=False` skips the fsync: for cache entries, which are checked on reading and rebuilt
+    when damaged, one fsync per decoded image would cost more than the decoding itself."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -96,7 +99,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -130,7 +134,7 @@ class DecodeCache:
             buffer = io.BytesIO()
             np.save(buffer, array, allow_pickle=False)
             try:
-                atomic_write_bytes(self._path(digest), buffer.getvalue())
+                atomic_write_bytes(self._path(digest), buffer.getvalue(), durable=False)
             except OSError:
                 self.writable = False
         return array
