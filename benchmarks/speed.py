@@ -299,7 +299,7 @@ def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, t
               "zoom 0.8-1.2, horizontal flip) with two small differences: Keras zooms each axis independently and "
               "fills the edges with the nearest pixel, xferlearn (torchvision RandomAffine) zooms both axes together "
               "and fills with black.",
-              f"- The VGG16 work is about the same: Keras runs 5 passes over all N images (5N; the article trains on "
+              f"- The VGG16 work: Keras runs 5 passes over all N images (5N; the article trains on "
               f"all of train and validates on the test set); xferlearn holds out 20% for validation and runs "
               f"{args.views} augmented + 1 clean pass over the other 80% and one over the validation 20%: "
               f"N x (0.8 x {args.views + 1} + 0.2) = {0.8 * (args.views + 1) + 0.2:.1f}N.",
