@@ -11,6 +11,10 @@ Images arrive as decoded uint8 arrays already squashed to the model's input size
 - `xray`: small rotations and shifts, mild zoom, brightness and contrast; no flip, since
   a flip moves the heart to the other side.
 - `none`: the image as it is.
+
+Test-time augmentation (`tta_views`) averages the prediction over the clean image and a few
+deterministic, mild views (zoom in and out, shifts along the diagonal): the kind of change
+the `xray` preset trains for. No flip: a flipped chest is not a chest the model saw.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import torch
 from torchvision.transforms import v2
 
 PRESETS = ("article", "xray", "none")
+# (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
+TTA_VIEWS = ((1.0, (0.0, 0.0)), (1.06, (0.0, 0.0)), (0.94, (0.0, 0.0)),
+             (1.0, (0.03, 0.03)), (1.0, (-0.03, -0.03)))
 
 
 def train_transform(preset: str) -> v2.Transform:
@@ -61,6 +68,20 @@ def augmented(array: np.ndarray, transform: v2.Transform, seed: int) -> torch.Te
 
 def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> float32 normalised with the weights' own mean and std (0..1 scale)."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255.0
     return (batch.float() - mean) / std
+
+
+def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """(N, 3, H, W) uint8 -> the TTA_VIEWS of it, each (N, 3, H, W) uint8; the first is `batch` itself."""
+    height, width = batch.shape[-2:]
+    views = []
+    for scale, (dx, dy) in TTA_VIEWS:
+        if scale == 1.0 and dx == dy == 0.0:
+            views.append(batch)
+            continue
+        views.append(v2.functional.affine(batch, angle=0.0, translate=[round(dx * width), round(dy * height)],
+                                          scale=scale, shear=[0.0, 0.0],
+                                          interpolation=v2.InterpolationMode.BILINEAR))
+    return views

@@ -49,6 +49,8 @@ class Checkpoint:
     temperature: float = 1.0
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    tta: bool = False                # the threshold was chosen on test-time-augmented probabilities
+    class_prior: list[float] | None = None  # the class prior the probabilities refer to (for --prevalence)
     versions: dict = field(default_factory=library_versions)
 
     @property

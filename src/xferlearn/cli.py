@@ -59,14 +59,22 @@ def add_evaluate(commands) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--no-gallery", dest="gallery", action="store_false",
                         help="leave out the error gallery (the most confident mistakes with Grad-CAM heatmaps)")
+    add_operating_point_flags(parser)
     parser.set_defaults(func=run_evaluate)
+
+
+def add_operating_point_flags(parser) -> None:
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average over test-time-augmented views (default: as the threshold was chosen)")
+    parser.add_argument("--prevalence", type=float,
+                        help="correct probabilities (and map the threshold) to this share of the positive class")
 
 
 def run_evaluate(args) -> int:
     from .evaluate import evaluate
 
     metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap,
-                       gallery=args.gallery)
+                       gallery=args.gallery, tta=args.tta, prevalence=args.prevalence)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -84,9 +92,13 @@ def add_predict(commands) -> None:
     parser.add_argument("--format", choices=("csv", "json"), default="csv")
     parser.add_argument("--output", "-o", help="write to this file instead of stdout")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="(--engine torch)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+                        help="(--engine torch) auto: bf16 where the hardware computes it natively")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="(--engine torch) torch.compile the network; auto: when there are enough images to repay it")
     parser.add_argument("--engine", choices=("torch", "onnx"), default="torch",
                         help="onnx: ONNX Runtime on RUN/export/model.onnx, exported there on first use")
+    add_operating_point_flags(parser)
     parser.set_defaults(func=run_predict)
 
 
@@ -96,12 +108,16 @@ def run_predict(args) -> int:
     if args.engine == "onnx":
         from .export import load_onnx
 
-        if args.precision != "fp32":
+        if args.precision not in ("fp32", "auto"):
             raise XferlearnError("--precision applies to --engine torch; ONNX Runtime runs the fp32 export.")
+        if args.tta or args.prevalence is not None:
+            raise XferlearnError("--tta and --prevalence apply to --engine torch.")
         predictor = load_onnx(args.run)
+        paths = expand_paths(args.paths)
     else:
-        predictor = load(args.run, precision=args.precision)
-    paths = expand_paths(args.paths)
+        paths = expand_paths(args.paths)
+        predictor = load(args.run, precision=args.precision, compile=args.compile, n_images=len(paths),
+                         batch_size=args.batch_size, tta=args.tta, prevalence=args.prevalence)
     rows = predictor.iter_predict(paths, batch_size=args.batch_size)
     if args.output:
         with open(args.output, "w", newline="") as out:

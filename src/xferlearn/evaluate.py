@@ -2,8 +2,10 @@
 
 The decision threshold is the one stored in the checkpoint, chosen on the validation
 split at training time; evaluation never tunes anything on the data it is given. The
-report says which threshold was used and where it came from, gives bootstrap 95%
-intervals, and shows the metrics at 0.5 only as a secondary line.
+report says which threshold was used and where it came from, whether test-time
+augmentation was on (by default: as the threshold was chosen) and whether probabilities
+were corrected to a stated prevalence, gives bootstrap 95% intervals, and shows the
+metrics at 0.5 only as a secondary line.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_s
 
 def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 64,
              n_boot: int = 1000, cache_dir: str | None = None, precision: str = "fp32",
-             gallery: bool = True) -> dict:
+             gallery: bool = True, tta: bool | None = None, prevalence: float | None = None) -> dict:
     """Evaluate the run's model on `data` and write the report into `out` (default: the run folder).
 
     With `gallery` (two classes only), the report shows the most confident false positives and
-    false negatives with their Grad-CAM heatmaps."""
+    false negatives with their Grad-CAM heatmaps. `tta` (None: as the threshold was chosen)
+    and `prevalence` (the positive share to correct probabilities to) are Predictor's."""
     run = Path(run)
-    predictor = load(run, precision=precision)
+    predictor = load(run, precision=precision, tta=tta, prevalence=prevalence)
     root = evaluation_root(Path(data), predictor.classes)
     pre = predictor.preprocessing
     cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
@@ -55,12 +58,17 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
         probs = predict_manifest(predictor, manifest, cache, batch_size)
     labels = manifest.labels
     checkpoint = predictor.checkpoint
-    metrics = compute_metrics(labels, probs, predictor.classes, checkpoint.threshold, checkpoint.threshold_source)
-    intervals = bootstrap_intervals(labels, probs, predictor.classes, checkpoint.threshold, n_boot=n_boot)
+    source = checkpoint.threshold_source
+    if predictor.prevalence is not None and predictor.threshold is not None:
+        source += f"; mapped from {checkpoint.threshold:.4g} for a stated prevalence of {predictor.prevalence:g}"
+    metrics = compute_metrics(labels, probs, predictor.classes, predictor.threshold, source)
+    metrics["tta"], metrics["prevalence"] = predictor.tta, predictor.prevalence
+    intervals = bootstrap_intervals(labels, probs, predictor.classes, predictor.threshold, n_boot=n_boot)
     metrics["unreadable"] = [{"file": path, "reason": reason} for path, reason in manifest.unreadable]
     run_info = {"run": str(run.resolve()), "data": str(root.resolve()), "backbone": checkpoint.backbone,
                 "weights": checkpoint.weights, "checkpoint": str((run / "model.pt").resolve()) if run.is_dir() else str(run),
-                "temperature": round(checkpoint.temperature, 4)}
+                "temperature": round(checkpoint.temperature, 4), "test-time augmentation": predictor.tta,
+                "prevalence": predictor.prevalence or "as trained"}
     history = run / "logs" / "metrics.csv" if run.is_dir() else None
     out_dir = Path(out) if out else (run if run.is_dir() else run.parent)
     gallery_section = None
@@ -68,8 +76,9 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
         from .explain import error_gallery  # here, so `import xferlearn` does not load Grad-CAM and OpenCV
 
         gallery_section = error_gallery(predictor, manifest.paths, labels, probs, out_dir)
+    operating_point = "## Operating point\n\n" + predictor.describe_operating_point()
     write_report(out_dir, metrics, labels, probs, predictor.classes, title="xferlearn evaluation",
                  run_info=run_info, history_csv=history, intervals=intervals,
-                 extra_sections=[gallery_section] if gallery_section else None)
+                 extra_sections=[operating_point] + ([gallery_section] if gallery_section else []))
     metrics["intervals"] = intervals
     return metrics

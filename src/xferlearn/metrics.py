@@ -335,6 +335,20 @@ def prior_shift(probs, train_prior: np.ndarray, target_prior: np.ndarray) -> np.
     return adjusted / adjusted.sum(axis=1, keepdims=True)
 
 
+def prior_shift_threshold(threshold: float, positive: int, train_prior, target_prior) -> float:
+    """The threshold on prior-shifted probabilities that makes the decisions `threshold` made
+    on the original ones (two classes). The shift is monotone in p_pos, so p >= t exactly when
+    p' >= t': the validation operating point (its sensitivity and specificity) is kept, and
+    only the probabilities change meaning, to the stated prevalence. Youden's J and a target
+    sensitivity are both choices of a point on the ROC curve, which a prior shift leaves alone.
+    """
+    if positive not in (0, 1):
+        raise XferlearnError(f"a threshold applies to two classes; positive index {positive} is not 0 or 1")
+    row = np.empty((1, 2))
+    row[0, positive], row[0, 1 - positive] = threshold, 1.0 - threshold
+    return float(prior_shift(row, train_prior, target_prior)[0, positive])
+
+
 # --- input checks and small helpers -------------------------------------------------------
 
 def _labels(y_true) -> np.ndarray:

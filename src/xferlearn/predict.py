@@ -5,6 +5,14 @@ as training did (squash to the input size, the weights' own normalisation), appl
 calibrated temperature, and decides with the threshold chosen on validation. Batches
 stream: a folder of thousands of images never sits in memory at once, and an
 unreadable file becomes a row with its error rather than the end of the run.
+
+Two options change the probabilities. `tta` averages them over the clean image and a few
+mild views (augment.tta_views); by default it is whatever the threshold was chosen with
+(the checkpoint's `tta`), and asking otherwise warns, since that threshold then sits at
+another operating point. `prevalence` re-weights them from the class prior the model's
+probabilities refer to (the checkpoint's `class_prior`) to a stated share of positives
+(Saerens et al., 2002), and maps the threshold with them, so the decisions stay those of
+the validation operating point while the probabilities read right for that population.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,11 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import normalize
+from .augment import TTA_VIEWS, normalize, tta_views
 from .backbones import Preprocessing
 from .checkpoint import Checkpoint, load_checkpoint
-from .features import resolve_precision
+from .errors import XferlearnError
+from .inference import FastForward, resolve_precision
 from .images import IMAGE_EXTENSIONS, UnreadableImage, decode, decode_file
+from .metrics import prior_shift, prior_shift_threshold
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
@@ -99,9 +110,17 @@ class BasePredictor:
             except UnreadableImage as error:
                 return None, str(error)
 
+        starts = range(0, len(items), batch_size)
         with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-            for start in range(0, len(items), batch_size):
-                decoded = list(pool.map(safe_decode, items[start:start + batch_size]))
+            # One batch decodes (PIL releases the GIL) while the previous one is in the network.
+            def submit(start):
+                return [pool.submit(safe_decode, item) for item in items[start:start + batch_size]]
+
+            pending = [submit(starts[0])] if starts else []
+            for k, start in enumerate(starts):
+                if k + 1 < len(starts):
+                    pending.append(submit(starts[k + 1]))
+                decoded = [future.result() for future in pending.pop(0)]
                 good = [k for k, (array, _) in enumerate(decoded) if array is not None]
                 probs = self.probabilities(torch.from_numpy(np.stack([decoded[k][0] for k in good])).permute(0, 3, 1, 2)) \
                     if good else np.zeros((0, len(self.classes)))
@@ -117,15 +136,46 @@ class BasePredictor:
 
 
 class Predictor(BasePredictor):
-    """A trained classifier ready to use, computing with PyTorch; build it with `load(run_dir)`."""
+    """A trained classifier ready to use, computing with PyTorch; build it with `load(run_dir)`.
 
-    def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str = "fp32"):
+    `tta`: None follows the checkpoint; `prevalence`: the share of the positive class where the
+    model will be used (two classes only), None to keep the probabilities as trained."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str = "fp32",
+                 tta: bool | None = None, prevalence: float | None = None, compile: str | bool = "off",
+                 n_images: int | None = None, batch_size: int = 64):
         super().__init__(checkpoint.classes, checkpoint.threshold, checkpoint.positive_index,
                          checkpoint.temperature, Preprocessing.from_dict(checkpoint.preprocessing))
         self.checkpoint = checkpoint
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device)
         self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)
+        # Batches go through the fast path (bf16 weights, compiled where asked); `model` stays the
+        # plain fp32 network that Grad-CAM and export work on.
+        self.fast = FastForward(self.model, self.precision, self.device, compile, n_images, batch_size)
+        self.tta = checkpoint.tta if tta is None else bool(tta)
+        if self.tta != checkpoint.tta and checkpoint.threshold is not None:
+            warnings.warn(f"the threshold {checkpoint.threshold:.4g} was chosen on validation "
+                          f"{'with' if checkpoint.tta else 'without'} test-time augmentation; predicting "
+                          f"{'with' if self.tta else 'without'} it moves the operating point", stacklevel=2)
+        self.prevalence = None if prevalence is None else self._set_prevalence(float(prevalence))
+
+    def _set_prevalence(self, prevalence: float) -> float:
+        if self.positive_index is None:
+            raise XferlearnError("--prevalence applies to two-class models; this one has "
+                                 f"{len(self.classes)} classes.")
+        if not 0 < prevalence < 1:
+            raise XferlearnError(f"--prevalence is the share of {self.classes[self.positive_index]} cases, "
+                                 f"strictly between 0 and 1; not {prevalence}.")
+        if not self.checkpoint.class_prior:
+            raise XferlearnError("this checkpoint does not record the class prior it was trained with, so "
+                                 "--prevalence cannot correct for it; retrain with this version of xferlearn.")
+        self.target_prior = np.empty(2)
+        self.target_prior[self.positive_index], self.target_prior[1 - self.positive_index] = prevalence, 1 - prevalence
+        if self.threshold is not None:
+            self.threshold = prior_shift_threshold(self.threshold, self.positive_index,
+                                                   self.checkpoint.class_prior, self.target_prior)
+        return prevalence
 
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> the normalised float tensor the network takes."""
@@ -134,20 +184,52 @@ class Predictor(BasePredictor):
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        x = self.to_input(batch)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.model(x).float()
-        return self.model(x).float()
+        return self.fast(self.to_input(batch))
+
+    def view_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """(V, N, C) logits: V is 1, or len(TTA_VIEWS) with `tta`, the clean image first. The
+        views go through the network as one batch."""
+        if not self.tta:
+            return self.logits(batch)[None]
+        views = len(TTA_VIEWS)
+        return self.logits(torch.cat(tta_views(batch))).view(views, len(batch), -1)
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """(N, 3, H, W) uint8 -> (N, C) calibrated class probabilities."""
-        return (self.logits(batch) / self.temperature).softmax(dim=1).cpu().numpy()
+        """(N, 3, H, W) uint8 -> (N, C) calibrated class probabilities (mean over the TTA views,
+        prior-shifted to `prevalence` where one is set)."""
+        probs = (self.view_logits(batch) / self.temperature).softmax(dim=-1).mean(dim=0).cpu().numpy()
+        if self.prevalence is not None:
+            probs = prior_shift(probs, self.checkpoint.class_prior, self.target_prior)
+        return probs
+
+    def describe_operating_point(self) -> str:
+        """One paragraph for reports: the threshold's source, TTA, and any prevalence correction."""
+        checkpoint = self.checkpoint
+        lines = [f"Threshold source: {checkpoint.threshold_source}."]
+        lines.append(f"Test-time augmentation: {'on' if self.tta else 'off'}"
+                     + (f" (mean of the probabilities over {len(TTA_VIEWS)} views: the clean image, zoom in and "
+                        "out 6%, and shifts of 3% along the diagonal)" if self.tta else "")
+                     + f"; the threshold was chosen with it {'on' if checkpoint.tta else 'off'}.")
+        if self.prevalence is None:
+            lines.append("Prevalence: as trained (no prior-shift correction).")
+        else:
+            prior = checkpoint.class_prior[self.positive_index]
+            lines.append(f"Prevalence: probabilities re-weighted from a {self.classes[self.positive_index]} prior of "
+                         f"{prior:.3f} (the one the model's probabilities refer to) to the stated {self.prevalence:.3f} "
+                         f"(Saerens et al., 2002); the threshold {checkpoint.threshold:.4g} maps to "
+                         f"{self.threshold:.4g}, so every decision, and the validation operating point, is unchanged.")
+        return " ".join(lines)
 
 
-def load(run: str | Path, device: str | None = None, precision: str = "fp32") -> Predictor:
-    """The trained classifier in a run folder (or checkpoint file), ready to predict."""
-    return Predictor(load_checkpoint(run), device, precision)
+def load(run: str | Path, device: str | None = None, precision: str = "fp32", tta: bool | None = None,
+         prevalence: float | None = None, compile: str | bool = "off", n_images: int | None = None,
+         batch_size: int = 64) -> Predictor:
+    """The trained classifier in a run folder (or checkpoint file), ready to predict.
+
+    `precision` "auto" uses bf16 where the hardware computes it natively; `compile` "auto"
+    compiles the network when `n_images` is enough to repay it (see inference.py)."""
+    return Predictor(load_checkpoint(run), device, precision, tta=tta, prevalence=prevalence, compile=compile,
+                     n_images=n_images, batch_size=batch_size)
 
 
 def write_rows(rows: Iterable[dict], classes: list[str], fmt: str = "csv", out=None) -> int:

@@ -5,8 +5,10 @@
 2. scan the folder, carve a patient-disjoint validation split, save it with the run;
 3. fit with a recipe: `linear` is the article's (frozen base, a new softmax head, Adam,
    cross-entropy, its augmentation), on features computed once per image and view;
+   `finetune` (finetune.py) starts there and then unfreezes the network in stages;
 4. pick the epoch by validation AUC, calibrate a temperature and choose the decision
-   threshold on validation alone, and write a self-describing checkpoint.
+   threshold on validation alone (on test-time-augmented probabilities with `tta`), and
+   write a self-describing checkpoint, with the class prior the probabilities refer to.
 Lightning runs the loop, so checkpoints, progress bars, bf16 and DDP come from it.
 """
 
@@ -35,9 +37,10 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_auro
 from .backbones import create_model
 from .checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Manifest, find_layout, save_split, scan, split_validation
+from .data import ImageDataset, Manifest, find_layout, save_split, scan, split_validation
 from .errors import XferlearnError
-from .features import FeatureExtractor, FeatureStore, extract, feature_key
+from .features import FeatureExtractor, FeatureStore, default_workers, extract, feature_key, view_name
+from .inference import default_device, resolve_precision
 from .images import DecodeCache, atomic_write_bytes
 from .metrics import apply_temperature, choose_threshold, compute_metrics, fit_temperature, positive_index
 
@@ -108,36 +111,43 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def train_loader(x: np.ndarray, y: np.ndarray, config: TrainConfig, num_classes: int) -> DataLoader:
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+def train_loader(dataset, y: np.ndarray, config: TrainConfig, num_classes: int, *, batch_size: int,
+                 **loader_kwargs) -> DataLoader:
+    """Shuffled batches of `dataset` (labels `y`), class-balanced with `--imbalance sampler`."""
+    generator = torch.Generator().manual_seed(config.seed)
     if config.imbalance == "sampler":
         # Each class drawn equally often; an epoch still has as many rows as the data.
         per_row = class_weights(y, num_classes).numpy()[y]
-        sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True,
-                                        generator=torch.Generator().manual_seed(config.seed))
-        return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler)
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(config.seed))
+        sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True, generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **loader_kwargs)
 
 
-def as_vectors(features: np.ndarray) -> np.ndarray:
-    """Some heads (VGG's) pool after their pre-logits layers: flatten what is still spatial."""
-    return features if features.ndim == 2 else features.reshape(*features.shape[:2], -1).mean(-1)
+def effective_prior(y: np.ndarray, num_classes: int, config: TrainConfig) -> list[float]:
+    """The class prior the trained model's probabilities refer to: the training split's own
+    with `--imbalance none`; even with class weights or a balanced sampler, which train the
+    model as if every class were equally common."""
+    if config.imbalance == "none":
+        return (np.bincount(y, minlength=num_classes) / len(y)).tolist()
+    return [1.0 / num_classes] * num_classes
 
 
 def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str, weights_tag: str,
-             preprocessing, cache: DecodeCache, run: Path):
+             preprocessing, cache: DecodeCache, run: Path, stage: str = ""):
     """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone."""
-    extractor = FeatureExtractor(model, preprocessing, config.precision)
-    store = FeatureStore(feature_key(arch, weights_tag, preprocessing, extractor.precision), config.cache_dir)
+    precision = resolve_precision(config.precision, default_device())
+    store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision), config.cache_dir)
     paths, digests, labels = manifest.paths, manifest.digests, manifest.labels
     pick = lambda idx: ([paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
-    kwargs = dict(store=store, batch_size=config.batch_size_features, workers=config.workers)
+    views = [(train_idx, v, config.augment) for v in range(config.views + 1)] + [(val_idx, 0, "none")]
+    to_compute = sum(store.count_missing(view_name(v, preset, config.seed), [digests[i] for i in idx])
+                     for idx, v, preset in views)
+    extractor = FeatureExtractor(model, preprocessing, precision, compile=config.compile, n_images=to_compute,
+                                 batch_size=config.batch_size_features)
+    kwargs = dict(store=store, batch_size=config.batch_size_features, workers=config.workers, seed=config.seed)
     with Progress(console=console, transient=True) as progress:
-        train_views = [as_vectors(extract(extractor, *pick(train_idx), cache, view=v, preset=config.augment,
-                                          seed=config.seed, progress=progress, **kwargs))
-                       for v in range(config.views + 1)]
-        val_x = as_vectors(extract(extractor, *pick(val_idx), cache, view=0, progress=progress, **kwargs))
+        *train_views, val_x = [extract(extractor, *pick(idx), cache, view=v, preset=preset, progress=progress,
+                                       **kwargs) for idx, v, preset in views]
     train_x = np.concatenate(train_views)
     train_y = np.tile(labels[train_idx], config.views + 1)
     val_y = labels[val_idx]
@@ -162,8 +172,10 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
                               class_weights=class_weights(train_y, len(manifest.classes))
                               if config.imbalance == "weights" else None)
     val_loader = DataLoader(TensorDataset(torch.from_numpy(standard(val_x)), torch.from_numpy(val_y)), batch_size=1024)
-    best = fit(module, train_loader(standard(train_x), train_y, config, len(manifest.classes)), val_loader, config,
-               run, accelerator="cpu")  # a linear layer on cached features: a GPU would only add transfers
+    train_data = TensorDataset(torch.from_numpy(standard(train_x)), torch.from_numpy(train_y))
+    best = fit(module, train_loader(train_data, train_y, config, len(manifest.classes), batch_size=config.batch_size),
+               val_loader, config, run, stage=stage,
+               accelerator="cpu")  # a linear layer on cached features: a GPU would only add transfers
     if scale:
         fold_standardisation(head, mean, std)
     with torch.inference_mode():
@@ -179,25 +191,31 @@ def fold_standardisation(head: torch.nn.Linear, mean: np.ndarray, std: np.ndarra
     head.weight.copy_(weight)
 
 
-def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, **trainer_kwargs) -> dict:
-    """Lightning fit with best-by-validation-AUC selection and resumption from last.ckpt."""
-    checkpoints = ModelCheckpoint(dirpath=run / "lightning", filename="best", monitor="val_auc", mode="max",
+def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, *, stage: str = "",
+        max_epochs: int | None = None, callbacks: list | None = None, **trainer_kwargs) -> dict:
+    """Lightning fit with best-by-validation-AUC selection and resumption from last.ckpt.
+
+    A recipe with several fits names each `stage`: its checkpoints go to RUN/lightning/STAGE
+    and its log to RUN/logs/STAGE/metrics.csv (no stage: RUN/lightning, RUN/logs)."""
+    checkpoints = ModelCheckpoint(dirpath=run / "lightning" / stage, filename="best", monitor="val_auc", mode="max",
                                   save_last=True)
-    trainer = L.Trainer(max_epochs=config.epochs, logger=CSVLogger(run, name="logs", version=""),
-                        callbacks=[checkpoints], enable_model_summary=False, log_every_n_steps=1,
+    trainer = L.Trainer(max_epochs=max_epochs or config.epochs, logger=CSVLogger(run / "logs", name=stage, version=""),
+                        callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False, log_every_n_steps=1,
                         deterministic=False, **trainer_kwargs)
-    last = run / "lightning" / "last.ckpt"
+    last = run / "lightning" / stage / "last.ckpt"
+    history = run / "logs" / stage / "metrics.csv"
     resume_from = str(last) if config.resume and last.exists() else None
-    earlier = read_history(run / "logs" / "metrics.csv") if resume_from else []
+    earlier = read_history(history) if resume_from else []
     trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
     if earlier:
-        keep_earlier_history(run / "logs" / "metrics.csv", earlier)
+        keep_earlier_history(history, earlier)
     best_path = checkpoints.best_model_path
     if best_path:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     score = checkpoints.best_model_score
-    return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path}
+    return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path,
+            "epochs_run": trainer.current_epoch}
 
 
 def read_history(path: Path) -> list[dict]:
@@ -221,10 +239,18 @@ def keep_earlier_history(path: Path, earlier: list[dict]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], config: TrainConfig):
-    """Temperature, threshold and validation metrics, all from the validation split alone."""
+def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], config: TrainConfig,
+                    view_logits: np.ndarray | None = None):
+    """Temperature, threshold and validation metrics, all from the validation split alone.
+
+    The temperature is fitted on the clean images' logits; with `view_logits` (V, N, C), the
+    test-time-augmented logits, the threshold is chosen on the mean of their calibrated
+    probabilities, the way prediction will compute them."""
     temperature = fit_temperature(val_logits, val_y)
-    probs = apply_temperature(val_logits, temperature)
+    if view_logits is None:
+        probs = apply_temperature(val_logits, temperature)
+    else:
+        probs = np.mean([apply_temperature(v, temperature) for v in view_logits], axis=0)
     if len(classes) == 2:
         pos = positive_index(classes)
         target = config.target_sensitivity
@@ -232,9 +258,58 @@ def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str
         source = ("Youden's J (max sensitivity + specificity - 1)" if config.threshold == "youden"
                   else f"highest threshold with sensitivity >= {target}")
         source += f" on the validation split ({len(val_y)} images) at training time"
+        if view_logits is not None:
+            source += f", on probabilities averaged over {len(view_logits)} test-time-augmentation views"
     else:
         threshold, source = None, "argmax (multi-class)"
-    return temperature, threshold, source, compute_metrics(val_y, probs, classes, threshold, source)
+    metrics = compute_metrics(val_y, probs, classes, threshold, source)
+    return temperature, threshold, source, metrics, probs
+
+
+def validation_view_logits(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: DecodeCache,
+                           config: TrainConfig) -> np.ndarray:
+    """(V, N, C) logits of the validation images through the whole trained network, over the
+    test-time-augmentation views where the checkpoint says `tta` (V=1 otherwise)."""
+    from .predict import Predictor
+
+    predictor = Predictor(checkpoint, precision=config.precision)
+    dataset = ImageDataset([manifest.paths[i] for i in val_idx], [manifest.digests[i] for i in val_idx], None, cache)
+    workers = default_workers() if config.workers is None else config.workers
+    loader = DataLoader(dataset, batch_size=config.batch_size_features, num_workers=workers)
+    return np.concatenate([predictor.view_logits(images).cpu().numpy() for images, _ in loader], axis=1)
+
+
+def calibrate(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: DecodeCache, config: TrainConfig,
+              val_logits: np.ndarray | None = None) -> np.ndarray:
+    """Set the checkpoint's temperature, threshold (and its source) and validation metrics from
+    the validation split; return the validation probabilities they were chosen on. The clean
+    logits are computed through the trained network unless given (the linear recipe's head
+    scored the cached features already); with `tta`, so are the TTA views'."""
+    val_y = manifest.labels[val_idx]
+    view_logits = None
+    if val_logits is None or config.tta:
+        view_logits = validation_view_logits(checkpoint, manifest, val_idx, cache, config)
+        val_logits = view_logits[0]
+    temperature, threshold, source, metrics, val_probs = operating_point(
+        val_logits, val_y, manifest.classes, config, view_logits if config.tta else None)
+    if config.tta:  # what TTA bought, each side at its own validation threshold
+        *_, plain, _ = operating_point(val_logits, val_y, manifest.classes, config)
+        metrics["without_tta"] = {key: plain[key] for key in ("auc", "accuracy", "sensitivity", "specificity",
+                                                              "threshold")}
+    checkpoint.temperature, checkpoint.threshold, checkpoint.threshold_source = temperature, threshold, source
+    checkpoint.metrics = metrics
+    return val_probs
+
+
+def write_validation_predictions(path: Path, manifest: Manifest, val_idx, probs: np.ndarray) -> None:
+    """Per validation image: file, true class and calibrated probabilities, for error analysis
+    and the benchmarks' bootstrap intervals."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "label", *[f"p_{name}" for name in manifest.classes]])
+    for i, row in zip(val_idx, probs):
+        writer.writerow([manifest.paths[i], manifest.classes[manifest.labels[i]], *[f"{p:.6f}" for p in row]])
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def prepare_run(config: TrainConfig) -> Path:
@@ -269,18 +344,26 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
     save_split(run / "split.json", manifest, train_idx, val_idx, how)
     console.print(f"Validation split: {len(val_idx)} images ({how}).")
 
-    if config.recipe != "linear":
-        raise XferlearnError(f"--recipe {config.recipe} is not built yet; use --recipe linear.")
-    selection, val_logits, val_y = fit_head(model, manifest, train_idx, val_idx, config, arch, weights_tag,
+    if config.recipe == "finetune":
+        from .finetune import finetune
+
+        selection = finetune(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing, cache, run)
+        val_logits = None
+    else:
+        selection, val_logits, _ = fit_head(model, manifest, train_idx, val_idx, config, arch, weights_tag,
                                             preprocessing, cache, run)
-    temperature, threshold, source, metrics = operating_point(val_logits, val_y, manifest.classes, config)
-    metrics["selection"] = selection
     checkpoint = Checkpoint(arch=arch, backbone=config.backbone, weights=weights_tag,
                             preprocessing=preprocessing.to_dict(), classes=manifest.classes,
                             positive_index=positive_index(manifest.classes) if len(manifest.classes) == 2 else None,
-                            threshold=threshold, threshold_source=source, state_dict=model.state_dict(),
-                            temperature=temperature, config=config.to_dict(), metrics=metrics)
+                            threshold=None, threshold_source="", state_dict=model.state_dict(),
+                            config=config.to_dict(), tta=config.tta,
+                            class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config))
+    val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits)
+    metrics = checkpoint.metrics
+    metrics["selection"] = selection
+    write_validation_predictions(run / "validation_predictions.csv", manifest, val_idx, val_probs)
     path = save_checkpoint(checkpoint, run / CHECKPOINT_NAME)
+    threshold, source = checkpoint.threshold, checkpoint.threshold_source
     seconds = time.perf_counter() - started
     atomic_write_bytes(run / "validation_metrics.json", json.dumps(metrics, indent=2).encode())
     console.print(f"Validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
