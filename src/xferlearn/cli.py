@@ -146,9 +146,10 @@ def run_backbones(args) -> int:
 
     table = Table("name", "timm architecture", "weights available now", "default", "input")
     for row in rows:
-        table.add_row(row["name"], row["arch"], ", ".join(row["weights"]), str(row["default_weights"]),
-                      str(row["input_size"]))
-    Console().print(table)
+        table.add_row(row["name"], row["arch"], ", ".join(row["weights"]) or "none here (random init only)",
+                      str(row["default_weights"]), str(row["input_size"]))
+    console = Console()
+    Console(width=max(console.width, 110)).print(table)  # piped output: keep names whole
     print("Any other timm model name works too (with --weights imagenet, a file, or none).")
     return 0
 
