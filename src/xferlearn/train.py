@@ -201,7 +201,8 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
                                   save_last=True)
     trainer = L.Trainer(max_epochs=max_epochs or config.epochs, logger=CSVLogger(run / "logs", name=stage, version=""),
                         callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False, log_every_n_steps=1,
-                        deterministic=False, **trainer_kwargs)
+                        # No sanity check: its two batches may hold one class, where AUC is undefined.
+                        num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
     last = run / "lightning" / stage / "last.ckpt"
     history = run / "logs" / stage / "metrics.csv"
     resume_from = str(last) if config.resume and last.exists() else None
