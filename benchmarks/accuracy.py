@@ -42,11 +42,12 @@ VARIANTS = {
     "finetune-ema": ("EMA of the weights, decay 0.99", dict(recipe="finetune", ema=0.99, tta=True)),
     "finetune-bn-last": ("BatchNorm statistics update in the last stage",
                          dict(recipe="finetune", bn_policy="last_stage", tta=True)),
-    "finetune-ema-bn-last": ("EMA 0.99 and BatchNorm statistics updating in the last stage",
-                             dict(recipe="finetune", ema=0.99, bn_policy="last_stage", tta=True)),
+    "finetune-4ep": ("4 epochs per stage instead of 3", dict(recipe="finetune", finetune_epochs=4, tta=True)),
     "finetune-all": ("a third stage: every layer", dict(recipe="finetune", stages="4,9,all", tta=True)),
-    "finetune-lite1": ("EfficientNet-Lite1 at 240 px", dict(recipe="finetune", backbone="efficientnet_lite1", tta=True)),
-    "finetune-lite2": ("EfficientNet-Lite2 at 260 px", dict(recipe="finetune", backbone="efficientnet_lite2", tta=True)),
+    "finetune-lite1": ("EfficientNet-Lite1 at 240 px",
+                       dict(recipe="finetune", backbone="efficientnet_lite1", tta=True)),
+    "finetune-lite2": ("EfficientNet-Lite2 at 260 px",
+                       dict(recipe="finetune", backbone="efficientnet_lite2", tta=True)),
 }
 
 
@@ -111,7 +112,8 @@ def print_run(name: str, options: dict, outcome: dict) -> None:
     selection = m.get("selection", {})
     if "stages" in selection:
         print("stages (best validation AUC, epochs run, seconds): " + ", ".join(
-            f"{s['stage']} {s['val_auc']:.4f} ({s['epochs']}, {s.get('seconds', 0):.0f} s)" for s in selection["stages"])
+            f"{s['stage']} {s['val_auc']:.4f} ({s['epochs']}, {s.get('seconds', 0):.0f} s)"
+            for s in selection["stages"])
             + f"; chosen {selection['chosen_stage']}")
     print(f"confusion matrix (rows true {m['classes']}): {m['confusion_matrix']}")
     print(f"wall time: {outcome['seconds']:.0f} s; run folder: {outcome['run']}")

@@ -10,18 +10,19 @@ fastai's `fine_tune` as the default rather than homework:
   `--layer-decay` times the one above it (early layers hold generic edges and textures;
   they need the least change). AdamW (no decay on norms and biases), a one-cycle schedule
   per stage (10% warm-up, then cosine), early stopping on validation AUC (`--patience`),
-  optionally an EMA of the weights (`--ema 0.998`, Lightning's EMAWeightAveraging, used for
+  optionally an EMA of the weights (`--ema 0.99`, Lightning's EMAWeightAveraging, used for
   validation and checkpoints). Each stage starts from the previous stage's best epoch.
 - The result is the stage, head included, with the best validation AUC.
 
 BatchNorm policy (`--bn-policy`): `frozen` (the default) keeps every BatchNorm layer in
 eval mode with the statistics it came with, throughout; its scale and shift still train
-with their block. Batches of 32 on a CPU give noisy batch statistics, and a frozen block
-below a block whose statistics move would see its outputs renormalised differently from
-what the head stage learned on. `last_stage` lets the BatchNorm layers of the trained
-blocks update their statistics (train mode) in the last stage only, once the weights have
-settled. Frozen layers are always in eval mode, dropout and stochastic depth included, so
-they compute exactly what the cached features came from.
+with their block. Batches of 32 give noisy batch statistics, and statistics that move
+shift every activation the head stage was fitted to. `last_stage` lets the BatchNorm layers
+of the trained blocks update their statistics (train mode) in the last stage only, once the
+weights have settled; on a validation slice it lowered that stage's AUC, with and without
+EMA (benchmarks/RESULTS.md), hence the default. Frozen layers are always in eval mode,
+dropout and stochastic depth included, so they compute exactly what the cached features
+came from.
 
 Training images are decoded through the DecodeCache and given a fresh random view of the
 `--augment` preset each time they are drawn; forward passes run in bf16 where the CPU does

@@ -215,9 +215,10 @@ class Predictor(BasePredictor):
         else:
             prior = checkpoint.class_prior[self.positive_index]
             lines.append(f"Prevalence: probabilities re-weighted from a {self.classes[self.positive_index]} prior of "
-                         f"{prior:.3f} (the one the model's probabilities refer to) to the stated {self.prevalence:.3f} "
-                         f"(Saerens et al., 2002); the threshold {checkpoint.threshold:.4g} maps to "
-                         f"{self.threshold:.4g}, so every decision, and the validation operating point, is unchanged.")
+                         f"{prior:.3f} (the one the model's probabilities refer to) to the stated "
+                         f"{self.prevalence:.3f} (Saerens et al., 2002); the threshold {checkpoint.threshold:.4g} "
+                         f"maps to {self.threshold:.4g}, so every decision, and the validation operating point, "
+                         "is unchanged.")
         return " ".join(lines)
 
 
