@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import random
 import shlex
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from machine import describe as describe_machine  # benchmarks/machine.py
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -49,12 +50,6 @@ VARIANTS = {
     "finetune-lite2": ("EfficientNet-Lite2 at 260 px",
                        dict(recipe="finetune", backbone="efficientnet_lite2", tta=True)),
 }
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def sample_folder(data: Path, limit: int, work: Path) -> Path:
@@ -166,7 +161,7 @@ def main() -> int:
         outcome = run_variant(data, work / name, cache, options)
         print_run(name, options, outcome)
         outcomes[name] = (what, outcome)
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {describe_machine()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"data: {args.data}" + (f" (stratified sample of {args.limit}, seed 0)" if args.limit else ""))
     if args.ablate:

@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py: scripts here import their neighbours
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter; speed is unaffected
 
 STARTED = time.perf_counter()
@@ -125,16 +127,6 @@ def batch_size_at(index: int, images: int, batch_size: int) -> int:
 def count_images(data: Path) -> int:
     return sum(1 for d in data.iterdir() if d.is_dir()
                for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(args) -> dict:

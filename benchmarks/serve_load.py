@@ -29,18 +29,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from machine import cpu_model  # benchmarks/machine.py: scripts here import their neighbours
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:

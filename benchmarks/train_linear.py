@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -19,13 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe as describe_machine  # benchmarks/machine.py
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def main() -> int:
@@ -48,7 +43,7 @@ def main() -> int:
     seconds = time.perf_counter() - started
     metrics = json.loads((work / "run" / "validation_metrics.json").read_text())
     print(f"\n## linear recipe on {args.data}")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"train command: {shlex.join(command)} ({'warm' if args.warm else 'fresh'} cache)")
     print(f"wall time: {seconds:.0f} s")

@@ -10,7 +10,6 @@ sits on both sides.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .augment import augmented, to_tensor, view_seed
 from .errors import XferlearnError
 from .images import DecodeCache, UnreadableImage, atomic_write_bytes, content_hash
 
@@ -71,16 +71,6 @@ class Manifest:
     def counts(self) -> dict[str, int]:
         labels = self.labels
         return {name: int((labels == i).sum()) for i, name in enumerate(self.classes)}
-
-    def subset(self, indices) -> "Manifest":
-        return Manifest(self.root, self.classes, [self.samples[i] for i in indices])
-
-    def fingerprint(self) -> str:
-        """Content and labels, not paths: a copied folder has the same fingerprint."""
-        h = hashlib.sha1()
-        for s in sorted(self.samples, key=lambda s: s.digest):
-            h.update(f"{s.digest}:{self.classes[s.label]}\n".encode())
-        return h.hexdigest()[:16]
 
 
 def class_folders(root: Path) -> list[str]:
@@ -247,8 +237,6 @@ class ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from .augment import augmented, to_tensor, view_seed
-
         array = self.cache.get(self.paths[index], self.digests[index])
         if self.transform is None or self.view == 0:
             image = to_tensor(array)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .augment import normalize, train_transform
 from .data import ImageDataset
 from .images import DecodeCache, atomic_write_bytes, default_cache_dir
-from .inference import FastForward, cpu_supports_bf16, resolve_precision  # noqa: F401 (re-exported)
+from .inference import FastForward
 
 FEATURE_FORMAT = 1  # bump when the way features are computed changes
 
