@@ -7,17 +7,32 @@
     xferlearn.evaluate("runs/cxr", "chest_xray/test")
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-# The functions are bound after their modules are imported, so that `xferlearn.train` is
-# the function, not the submodule of the same name.
-from .backbones import create_model, list_backbones  # noqa: E402
-from .checkpoint import load_checkpoint  # noqa: E402
-from .config import TrainConfig  # noqa: E402
-from .errors import XferlearnError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .predict import Predictor, load  # noqa: E402
-from .train import train  # noqa: E402
+# The public API, imported on first use (PEP 562): Lightning, timm and scikit-learn take
+# seconds to import, and `xferlearn --help` or a prediction from an ONNX export needs none
+# of them. No submodule shares a name with a function here, so an attribute is never
+# shadowed by a submodule of the same name.
+_API = {
+    "train": "training", "TrainConfig": "config", "evaluate": "evaluation", "load": "predict",
+    "Predictor": "predict", "list_backbones": "backbones", "create_model": "backbones",
+    "load_checkpoint": "checkpoint", "XferlearnError": "errors",
+}
 
-__all__ = ["XferlearnError", "__version__", "train", "TrainConfig", "evaluate", "load", "Predictor",
-           "list_backbones", "create_model", "load_checkpoint"]
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'xferlearn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -23,7 +23,6 @@ import hashlib
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 PRESETS = ("article", "xray", "none")
 # (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
@@ -31,8 +30,10 @@ TTA_VIEWS = ((1.0, (0.0, 0.0)), (1.06, (0.0, 0.0)), (0.94, (0.0, 0.0)),
              (1.0, (0.03, 0.03)), (1.0, (-0.03, -0.03)))
 
 
-def train_transform(preset: str) -> v2.Transform:
+def train_transform(preset: str):
     """A transform from a (3, H, W) uint8 tensor to an augmented (3, H, W) uint8 tensor."""
+    from torchvision.transforms import v2  # imported on use: predicting from an export needs no torchvision
+
     if preset == "article":
         return v2.Compose([
             v2.RandomAffine(degrees=0, shear=0.2, scale=(0.8, 1.2)),
@@ -59,7 +60,7 @@ def view_seed(digest: str, view: int, seed: int) -> int:
     return int.from_bytes(hashlib.sha1(f"{digest}:{view}:{seed}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def augmented(array: np.ndarray, transform: v2.Transform, seed: int) -> torch.Tensor:
+def augmented(array: np.ndarray, transform, seed: int) -> torch.Tensor:
     """One reproducible augmented view of a decoded image."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -75,6 +76,8 @@ def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
 
 def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
     """(N, 3, H, W) uint8 -> the TTA_VIEWS of it, each (N, 3, H, W) uint8; the first is `batch` itself."""
+    from torchvision.transforms import v2
+
     height, width = batch.shape[-2:]
     views = []
     for scale, (dx, dy) in TTA_VIEWS:

@@ -29,44 +29,11 @@ import torch
 from timm.models import get_pretrained_cfg
 
 from .errors import XferlearnError
+from .images import INTERPOLATIONS, Preprocessing  # noqa: F401  (re-exported: each weight set carries one)
 
 log = logging.getLogger(__name__)
 
-INTERPOLATIONS = ("bilinear", "bicubic")
 WEIGHT_SOURCES = ("default", "packaged", "imagenet", "none")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image must be prepared for a set of weights: squash to a square, scale, normalise."""
-
-    input_size: int
-    mean: tuple[float, float, float]  # on the 0..1 scale
-    std: tuple[float, float, float]
-    interpolation: str  # "bilinear" | "bicubic"
-
-    def __post_init__(self):
-        # Checked here because preprocessing is also read back from checkpoints and caches.
-        if not isinstance(self.input_size, int) or self.input_size < 16:
-            raise XferlearnError(f"input size must be an integer of at least 16 pixels, got {self.input_size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise XferlearnError(f"preprocessing needs 3 means and 3 positive stds, got {self.mean} and {self.std}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise XferlearnError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                                 f"got {self.interpolation!r}")
-
-    def to_dict(self) -> dict:
-        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        try:
-            return cls(input_size=int(d["input_size"]), mean=tuple(float(v) for v in d["mean"]),
-                       std=tuple(float(v) for v in d["std"]), interpolation=str(d["interpolation"]))
-        except (KeyError, TypeError, ValueError) as error:
-            raise XferlearnError(f"preprocessing record is malformed ({error!r}); "
-                                 "it needs input_size, mean, std and interpolation") from None
 
 
 # Keras application names used in the article -> the timm architecture with the same network.

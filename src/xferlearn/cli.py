@@ -42,7 +42,7 @@ def add_train(commands) -> None:
 
 
 def run_train(args) -> int:
-    from .train import train
+    from .training import train
 
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     train(TrainConfig(**options))
@@ -71,7 +71,7 @@ def add_operating_point_flags(parser) -> None:
 
 
 def run_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap,
                        gallery=args.gallery, tta=args.tta, prevalence=args.prevalence)

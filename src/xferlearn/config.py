@@ -10,7 +10,6 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .augment import PRESETS
 from .errors import XferlearnError
 
 RECIPES = ("linear", "finetune")
@@ -66,6 +65,8 @@ class TrainConfig:
         def need(ok: bool, message: str):
             if not ok:
                 raise XferlearnError(message)
+
+        from .augment import PRESETS  # here, not at the top: it brings torchvision, and `xferlearn --help` should not wait
 
         need(self.recipe in RECIPES, f"--recipe must be one of {RECIPES}, not {self.recipe!r}.")
         if self.augment is None:

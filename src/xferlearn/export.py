@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import Preprocessing
+from .images import Preprocessing
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from .errors import XferlearnError
 from .images import atomic_write_bytes

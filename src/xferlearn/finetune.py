@@ -55,7 +55,7 @@ from .data import ImageDataset, Manifest
 from .features import default_workers
 from .images import DecodeCache, atomic_write_bytes
 from .inference import default_device, resolve_precision
-from .train import ClassifierModule, class_weights, console, fit, fit_head, read_history, train_loader
+from .training import ClassifierModule, class_weights, console, fit, fit_head, read_history, train_loader
 
 WARMUP_FRACTION = 0.1  # of each stage's steps: the rate climbs from 1/25 of its peak
 # Frozen layers (and, by policy, BatchNorm) are in eval mode on purpose: Lightning's notice says so.

@@ -14,10 +14,13 @@ import io
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import XferlearnError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 # Far above any X-ray (the largest in the Kaggle set is ~2900x2700) yet a bound against
@@ -26,6 +29,42 @@ Image.MAX_IMAGE_PIXELS = 100_000_000
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+INTERPOLATIONS = ("bilinear", "bicubic")  # what weight sets use; decode also takes nearest and lanczos
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image must be prepared for a set of weights: squash to a square, scale, normalise."""
+
+    input_size: int
+    mean: tuple[float, float, float]  # on the 0..1 scale
+    std: tuple[float, float, float]
+    interpolation: str  # "bilinear" | "bicubic"
+
+    def __post_init__(self):
+        # Checked here because preprocessing is also read back from checkpoints and caches.
+        if not isinstance(self.input_size, int) or self.input_size < 16:
+            raise XferlearnError(f"input size must be an integer of at least 16 pixels, got {self.input_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise XferlearnError(f"preprocessing needs 3 means and 3 positive stds, got {self.mean} and {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise XferlearnError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                                 f"got {self.interpolation!r}")
+
+    def to_dict(self) -> dict:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        try:
+            return cls(input_size=int(d["input_size"]), mean=tuple(float(v) for v in d["mean"]),
+                       std=tuple(float(v) for v in d["std"]), interpolation=str(d["interpolation"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise XferlearnError(f"preprocessing record is malformed ({error!r}); "
+                                 "it needs input_size, mean, std and interpolation") from None
 
 
 class UnreadableImage(ValueError):

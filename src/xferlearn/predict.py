@@ -32,12 +32,11 @@ import torch
 from PIL import Image
 
 from .augment import TTA_VIEWS, normalize, tta_views
-from .backbones import Preprocessing
+from .images import Preprocessing
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import XferlearnError
 from .inference import FastForward, resolve_precision
 from .images import IMAGE_EXTENSIONS, UnreadableImage, decode, decode_file
-from .metrics import prior_shift, prior_shift_threshold
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
@@ -172,6 +171,8 @@ class Predictor(BasePredictor):
                                  "--prevalence cannot correct for it; retrain with this version of xferlearn.")
         self.target_prior = np.empty(2)
         self.target_prior[self.positive_index], self.target_prior[1 - self.positive_index] = prevalence, 1 - prevalence
+        from .metrics import prior_shift_threshold  # scikit-learn and SciPy come with it: only when asked
+
         if self.threshold is not None:
             self.threshold = prior_shift_threshold(self.threshold, self.positive_index,
                                                    self.checkpoint.class_prior, self.target_prior)
@@ -199,6 +200,8 @@ class Predictor(BasePredictor):
         prior-shifted to `prevalence` where one is set)."""
         probs = (self.view_logits(batch) / self.temperature).softmax(dim=-1).mean(dim=0).cpu().numpy()
         if self.prevalence is not None:
+            from .metrics import prior_shift
+
             probs = prior_shift(probs, self.checkpoint.class_prior, self.target_prior)
         return probs
 
