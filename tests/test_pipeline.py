@@ -199,3 +199,22 @@ def test_cli_errors_are_one_line(argv, message, tmp_path, image_folder, capsys):
     assert err.startswith("xferlearn: error:") and len(err.splitlines()) == 1
     import re
     assert re.search(message, err), err
+
+
+def test_cli_and_package_import_lazily():
+    """`xferlearn --help` must not wait for Lightning, timm, scikit-learn or torch; the public
+    names stay functions even after their submodules are imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, xferlearn.cli; xferlearn.cli.build_parser(); "
+             "print(sorted(m for m in ('lightning', 'timm', 'sklearn', 'torch') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    import xferlearn.evaluation
+    import xferlearn.training
+
+    assert callable(xferlearn.train) and callable(xferlearn.evaluate) and callable(xferlearn.load)
+    assert set(xferlearn.__all__) <= set(dir(xferlearn))
+    with pytest.raises(AttributeError):
+        xferlearn.no_such_thing

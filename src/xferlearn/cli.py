@@ -96,8 +96,9 @@ def add_predict(commands) -> None:
                         help="(--engine torch) auto: bf16 where the hardware computes it natively")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="(--engine torch) torch.compile the network; auto: when there are enough images to repay it")
-    parser.add_argument("--engine", choices=("torch", "onnx"), default="torch",
-                        help="onnx: ONNX Runtime on RUN/export/model.onnx, exported there on first use")
+    parser.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                        help="onnx: ONNX Runtime on RUN/export/model.onnx, exported there on first use; onnx-int8: "
+                             "its int8 quantisation (fastest on CPU), kept only if validation AUC holds within 0.002")
     add_operating_point_flags(parser)
     parser.set_defaults(func=run_predict)
 
@@ -105,14 +106,15 @@ def add_predict(commands) -> None:
 def run_predict(args) -> int:
     from .predict import expand_paths, load, write_rows
 
-    if args.engine == "onnx":
+    if args.engine in ("onnx", "onnx-int8"):
         from .export import load_onnx
 
         if args.precision not in ("fp32", "auto"):
-            raise XferlearnError("--precision applies to --engine torch; ONNX Runtime runs the fp32 export.")
+            raise XferlearnError("--precision applies to --engine torch; ONNX engines run their export as it is.")
         if args.tta or args.prevalence is not None:
-            raise XferlearnError("--tta and --prevalence apply to --engine torch.")
-        predictor = load_onnx(args.run)
+            raise XferlearnError("--tta and --prevalence apply to --engine torch; ONNX engines apply test-time "
+                                 "augmentation where the export's threshold was chosen with it.")
+        predictor = load_onnx(args.run, int8=args.engine == "onnx-int8")
         paths = expand_paths(args.paths)
     else:
         paths = expand_paths(args.paths)
@@ -202,15 +204,18 @@ def run_explain(args) -> int:
 def add_export(commands) -> None:
     parser = commands.add_parser("export", help="export a run as ONNX or TorchScript, with a model.json sidecar")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
-    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--format", choices=("onnx", "onnx-int8", "torchscript"), default="onnx",
+                        help="onnx-int8: the ONNX export quantised to int8, kept only if validation AUC holds")
     parser.add_argument("--out", help="folder to write into (default: RUN/export)")
+    parser.add_argument("--calibration", help="(onnx-int8) a folder of images to measure activation ranges on "
+                                              "(default: a sample of the run's training images; never test images)")
     parser.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
     from .export import export
 
-    written = export(args.run, args.format, args.out)
+    written = export(args.run, args.format, args.out, args.calibration)
     for path in written.values():
         print(path)
     return 0

@@ -33,11 +33,14 @@ from .images import Preprocessing
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from .errors import XferlearnError
 from .images import atomic_write_bytes
+from .augment import TTA_VIEWS, tta_views
 from .predict import BasePredictor
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")  # onnx-int8 is derived from onnx (quantize.py)
+INT8_FILE = "model.int8.onnx"
 SIDECAR = "model.json"
 SIDECAR_FORMAT = "xferlearn-export"
 EXPORT_DIR = "export"
@@ -75,11 +78,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> dict[str, Path]:
+def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
+           calibration: str | Path | None = None) -> dict[str, Path]:
     """Export a run's model; returns {"model": file, "sidecar": model.json} (plus "data" for
-    ONNX weights too large for one file)."""
+    ONNX weights too large for one file). "onnx-int8" quantises the ONNX export (see
+    quantize.py; `calibration` names a folder of images to measure activation ranges on)."""
+    if fmt == "onnx-int8":
+        from .quantize import export_int8
+
+        return export_int8(run, out, calibration)
     if fmt not in FORMATS:
-        raise XferlearnError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+        raise XferlearnError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}.")
     checkpoint = load_checkpoint(run)
     out = Path(out) if out else export_dir(run)
     if out.exists() and not out.is_dir():
@@ -167,14 +176,15 @@ def _sidecar(checkpoint: Checkpoint, run, out: Path, fmt: str, exporter: str, di
     by an export of another checkpoint is replaced, and its model files removed."""
     pre = Preprocessing.from_dict(checkpoint.preprocessing)
     digest = file_sha256(checkpoint_path(run))
-    previous = _read_sidecar(out / SIDECAR)
+    previous = read_sidecar(out / SIDECAR)
     if previous.get("checkpoint_sha256") != digest:
-        for other, name in FORMATS.items():
+        for other, name in [*FORMATS.items(), ("onnx-int8", INT8_FILE)]:
             if other != fmt:
                 (out / name).unlink(missing_ok=True)
         previous = {}
     files = {k: v for k, v in previous.get("files", {}).items() if k != fmt and (out / v).exists()}
     files[fmt] = FORMATS[fmt]
+    int8 = {"int8": previous["int8"]} if "onnx-int8" in files and "int8" in previous else {}
     size, classes = pre.input_size, checkpoint.classes
     if checkpoint.positive_index is None or checkpoint.threshold is None:
         rule = "the class with the highest probability"
@@ -195,6 +205,10 @@ def _sidecar(checkpoint: Checkpoint, run, out: Path, fmt: str, exporter: str, di
         "positive_index": checkpoint.positive_index,
         "threshold": checkpoint.threshold, "threshold_source": checkpoint.threshold_source,
         "decision_rule": rule, "temperature": checkpoint.temperature,
+        "tta": {"on": True, "views": [{"scale": scale, "shift": list(shift)} for scale, shift in TTA_VIEWS],
+                "how": "the threshold was chosen on probabilities averaged over these views of each image (zoom "
+                       "about the centre, shift as a fraction of the side, bilinear): average the model's "
+                       "outputs over them to reproduce `xferlearn predict`"} if checkpoint.tta else {"on": False},
         "preprocessing": pre.to_dict() | {"note": "mean/std (0..1 scale) are already applied inside the graph"},
         "backbone": checkpoint.backbone, "arch": checkpoint.arch, "weights": checkpoint.weights,
         "xferlearn_version": __version__, "training_versions": checkpoint.versions,
@@ -202,10 +216,10 @@ def _sidecar(checkpoint: Checkpoint, run, out: Path, fmt: str, exporter: str, di
         "verification": {k: v for k, v in previous.get("verification", {}).items() if k in files}
         | {fmt: {"max_abs_probability_difference_vs_pytorch": difference, "batch": n, "tolerance": TOLERANCE}},
         "checkpoint_sha256": digest,
-    }
+    } | int8
 
 
-def _read_sidecar(path: Path) -> dict:
+def read_sidecar(path: Path) -> dict:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -215,20 +229,31 @@ def _read_sidecar(path: Path) -> dict:
 
 class OnnxPredictor(BasePredictor):
     """An ONNX export run by ONNX Runtime, with Predictor's interface (decode, decide, row,
-    iter_predict, predict). Build it from an export folder, a model.onnx, or `load_onnx(run)`."""
+    iter_predict, predict). Build it from an export folder, a model.onnx, or `load_onnx(run)`.
+    `int8` runs the folder's model.int8.onnx at its own validation threshold. Test-time
+    augmentation follows the export (the sidecar's `tta`), as the threshold was chosen with it."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 int8: bool = False, model_file: str | Path | None = None):
         import onnxruntime
 
         path = Path(path)
-        model = path / FORMATS["onnx"] if path.is_dir() else path
-        card = _read_sidecar(model.parent / SIDECAR)
+        folder = path if path.is_dir() else path.parent
+        card = read_sidecar(folder / SIDECAR)
+        int8 = int8 or path.name == INT8_FILE
+        name = INT8_FILE if int8 else FORMATS["onnx"]
+        model = Path(model_file) if model_file else (folder / name if path.is_dir() else path)
         if not model.is_file() or not card:
-            raise XferlearnError(f"No ONNX export at {path}: it needs {FORMATS['onnx']} and {SIDECAR} "
-                                 "(make them with `xferlearn export RUN --format onnx`).")
-        super().__init__(card["classes"], card["threshold"], card["positive_index"], card["temperature"],
+            raise XferlearnError(f"No ONNX export at {path}: it needs {name} and {SIDECAR} "
+                                 f"(make them with `xferlearn export RUN --format {'onnx-int8' if int8 else 'onnx'}`).")
+        if int8 and "int8" not in card:
+            raise XferlearnError(f"{folder / SIDECAR} does not record the int8 model's validation check; "
+                                 "export it again with `xferlearn export RUN --format onnx-int8`.")
+        threshold = card["int8"]["threshold"] if int8 else card["threshold"]
+        super().__init__(card["classes"], threshold, card["positive_index"], card["temperature"],
                          Preprocessing.from_dict(card["preprocessing"]))
         self.card = card
+        self.tta = bool(card.get("tta", {}).get("on", False))
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or _usable_cores()
         self.session = onnxruntime.InferenceSession(str(model), options,
@@ -236,10 +261,13 @@ class OnnxPredictor(BasePredictor):
 
     def probabilities(self, batch) -> np.ndarray:
         """(N, 3, H, W) uint8 tensor or array -> (N, C) calibrated class probabilities."""
-        array = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-        if array.dtype != np.uint8:
-            raise ValueError(f"the exported model takes uint8 pixels (0..255), not {array.dtype}")
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array)})[0]
+        batch = torch.as_tensor(batch)
+        if batch.dtype != torch.uint8:
+            raise ValueError(f"the exported model takes uint8 pixels (0..255), not {batch.dtype}")
+        views = tta_views(batch) if self.tta else [batch]
+        pixels = np.ascontiguousarray(torch.cat(views).numpy())
+        probs = self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+        return probs.reshape(len(views), len(batch), -1).mean(axis=0)
 
 
 def _usable_cores() -> int:
@@ -248,19 +276,32 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def load_onnx(run: str | Path, threads: int | None = None) -> OnnxPredictor:
-    """An ONNX Runtime predictor for a run (exported to RUN/export on first use, and again when
-    the checkpoint has changed since), or for an export folder or model.onnx given directly."""
-    run = Path(run)
-    if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
-        return OnnxPredictor(run, threads)
+def ensure_onnx(run: str | Path, out: str | Path | None = None) -> Path:
+    """The folder holding an fp32 ONNX export of the run's current checkpoint (RUN/export unless
+    `out`), exported there first when missing or made from another checkpoint."""
     checkpoint = checkpoint_path(run)
     if not checkpoint.is_file():
         load_checkpoint(run)  # raises the usual "no checkpoint" error
-    folder = export_dir(run)
-    card = _read_sidecar(folder / SIDECAR)
+    folder = Path(out) if out else export_dir(run)
+    card = read_sidecar(folder / SIDECAR)
     if "onnx" not in card.get("files", {}) or not (folder / FORMATS["onnx"]).is_file() \
             or card.get("checkpoint_sha256") != file_sha256(checkpoint):
         log.info("exporting %s to %s for ONNX Runtime", run, folder)
         export(run, "onnx", folder)
-    return OnnxPredictor(folder, threads)
+    return folder
+
+
+def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -> OnnxPredictor:
+    """An ONNX Runtime predictor for a run (exported to RUN/export on first use, and again when
+    the checkpoint has changed since), or for an export folder or .onnx file given directly.
+    `int8` runs the quantised model, quantising it first where needed (see quantize.py)."""
+    run = Path(run)
+    if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
+        return OnnxPredictor(run, threads, int8=int8)
+    folder = ensure_onnx(run)
+    if int8 and ("int8" not in read_sidecar(folder / SIDECAR) or not (folder / INT8_FILE).is_file()):
+        from .quantize import export_int8
+
+        log.info("quantising %s to int8", folder / FORMATS["onnx"])
+        export_int8(run, folder)
+    return OnnxPredictor(folder, threads, int8=int8)
