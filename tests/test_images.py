@@ -91,3 +91,19 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     cache.get(path, digest)
     cache._path(digest).write_bytes(b"garbage")
     assert cache.get(path, digest).mean() == pytest.approx(77, abs=1)
+
+
+def test_cache_keeps_gray_images_as_one_channel_and_gives_back_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    gray, color = tmp_path / "gray.png", tmp_path / "color.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(gray)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(color)
+    cache = DecodeCache(tmp_path / "cache", 32)
+    for path in (gray, color):
+        digest = content_hash(path.read_bytes())
+        first = cache.get(path, digest)  # decodes and stores
+        again = cache.get(path, digest)  # read back from the cache
+        assert again.shape == (32, 32, 3) and again.dtype == np.uint8
+        assert np.array_equal(first, again) and np.array_equal(again, decode(path.read_bytes(), 32))
+    stored = {p.stem: np.load(p).shape for p in (tmp_path / "cache").rglob("*.npy")}
+    assert sorted(stored.values()) == [(32, 32), (32, 32, 3)]

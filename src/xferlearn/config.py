@@ -44,7 +44,7 @@ class TrainConfig:
     compile: str = "auto"             # torch.compile the frozen backbone: auto = when enough images repay it
     seed: int = 0
     workers: int | None = None        # DataLoader workers; None: chosen from the core count
-    batch_size_features: int = 64
+    batch_size_features: int = 32     # images per frozen-backbone call: 32 ran 1.2-1.35x faster than 64 on 2 cores
     cache_dir: str | None = None      # None: $XFERLEARN_CACHE or ~/.cache/xferlearn
     resume: bool = False
     tta: bool = False                 # choose the threshold on test-time-augmented probabilities, and predict so

@@ -33,14 +33,14 @@ def evaluation_root(data: Path, classes: list[str]) -> Path:
     return data
 
 
-def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_size: int = 64) -> np.ndarray:
+def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_size: int = 32) -> np.ndarray:
     """(N, C) probabilities for every image of a manifest, decoded through the cache."""
     dataset = ImageDataset(manifest.paths, manifest.digests, None, cache)
     batches = [predictor.probabilities(images) for images, _ in DataLoader(dataset, batch_size=batch_size)]
     return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
 
 
-def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 64,
+def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 32,
              n_boot: int = 1000, cache_dir: str | None = None, precision: str = "fp32",
              gallery: bool = True, tta: bool | None = None, prevalence: float | None = None) -> dict:
     """Evaluate the run's model on `data` and write the report into `out` (default: the run folder).

@@ -151,7 +151,9 @@ class DecodeCache:
 
     Per-image files rather than one big array: a new folder that shares most of its
     images with an old one (a slice, a superset, a re-split) reuses every one of them.
-    A cache that cannot be written (read-only or full disk) is skipped, never fatal.
+    A gray image (every X-ray) is stored as one channel, a third of the bytes to write and
+    read, and given back as RGB. A cache that cannot be written (read-only or full disk) is
+    skipped, never fatal.
     """
 
     def __init__(self, root: Path | None = None, size: int = 224, interpolation: str = "bilinear"):
@@ -170,8 +172,9 @@ class DecodeCache:
         """Decode bytes already in memory and store the array (scan reads each file only once)."""
         array = decode(data, self.size, self.interpolation)
         if self.writable:
+            gray = (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all()
             buffer = io.BytesIO()
-            np.save(buffer, array, allow_pickle=False)
+            np.save(buffer, array[..., 0] if gray else array, allow_pickle=False)
             try:
                 atomic_write_bytes(self._path(digest), buffer.getvalue(), durable=False)
             except OSError:
@@ -182,7 +185,8 @@ class DecodeCache:
         """The decoded array of a file; decodes and stores it on the first call only."""
         if digest is not None and self.contains(digest):
             try:
-                return np.load(self._path(digest), allow_pickle=False)
+                stored = np.load(self._path(digest), allow_pickle=False)
+                return np.repeat(stored[..., None], 3, axis=2) if stored.ndim == 2 else stored
             except (OSError, ValueError):
                 self._path(digest).unlink(missing_ok=True)  # a damaged entry is rebuilt, not trusted
         try:

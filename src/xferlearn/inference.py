@@ -64,11 +64,27 @@ def should_compile(compile: str | bool, n_images: int | None) -> bool:
     return compile == "on"
 
 
+class NormalizedInput(torch.nn.Module):
+    """uint8 pixels -> (x - mean) / std in fp32 -> `dtype` -> `module`: one fused pass when compiled."""
+
+    def __init__(self, module: torch.nn.Module, mean, std, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.module(((pixels.float() - self.mean) / self.std).to(self.dtype))
+
+
 class FastForward:
-    """`module` (a frozen network taking a normalised float NCHW batch) made fast for inference."""
+    """`module` (a frozen network taking a normalised float NCHW batch) made fast for inference.
+    With `normalize` (mean, std on the 0..1 scale) it takes uint8 pixels and normalises them
+    itself, inside the compiled graph where there is one."""
 
     def __init__(self, module: torch.nn.Module, precision: str = "auto", device: torch.device | str | None = None,
-                 compile: str | bool = "off", n_images: int | None = None, batch_size: int = 64):
+                 compile: str | bool = "off", n_images: int | None = None, batch_size: int = 32,
+                 normalize: tuple | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.precision = resolve_precision(precision, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -78,6 +94,9 @@ class FastForward:
             # Whole-bf16 weights beat autocast on CPU (no per-call cast of every weight). A copy:
             # the caller's fp32 model stays as it was (Grad-CAM and export use it, a head trains on it).
             module = copy.deepcopy(module).to(torch.bfloat16)
+        self.takes_pixels = normalize is not None
+        if self.takes_pixels:
+            module = NormalizedInput(module, *normalize, self.input_dtype()).to(self.device)
         self.compiled = should_compile(compile, n_images)
         if self.compiled:
             import torch._inductor.config as inductor
@@ -87,6 +106,10 @@ class FastForward:
             log.info("torch.compile with freezing (first batch compiles)")
         self.module = module
 
+    def input_dtype(self) -> torch.dtype:
+        # bf16 weights on a CPU take bf16 input; on a GPU the weights stay fp32 under autocast.
+        return self.dtype if self.device.type == "cpu" else torch.float32
+
     def autocast(self):
         # On a GPU autocast keeps the reductions that need it in fp32; on a CPU the weights are bf16 already.
         if self.dtype is torch.bfloat16 and self.device.type == "cuda":
@@ -95,13 +118,14 @@ class FastForward:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised float -> the module's output as float32 on the CPU."""
+        """(N, 3, H, W) normalised float (uint8 pixels with `normalize`) -> the module's output as
+        float32 on the CPU."""
         n = len(x)
         if self.compiled and n < self.batch_size:
             # One fixed shape: a short last batch is padded rather than compiled again.
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-        weights_dtype = self.dtype if self.device.type == "cpu" else torch.float32
-        x = x.to(self.device, weights_dtype).contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device, torch.uint8 if self.takes_pixels else self.input_dtype())
+        x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             out = self.module(x)
         return out[:n].float().cpu()

@@ -98,7 +98,7 @@ class BasePredictor:
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
                 "threshold": self.threshold, "error": None}
 
-    def iter_predict(self, items: Iterable, batch_size: int = 64, workers: int | None = None) -> Iterator[dict]:
+    def iter_predict(self, items: Iterable, batch_size: int = 32, workers: int | None = None) -> Iterator[dict]:
         """Stream one result row per item; decoding runs in threads while the model computes."""
         items = list(items)
         names = [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__} {n}>" for n, i in enumerate(items)]
@@ -127,7 +127,7 @@ class BasePredictor:
                 for k, (_, error) in enumerate(decoded):
                     yield self.row(names[start + k], by_index.get(k), error)
 
-    def predict(self, items, batch_size: int = 64) -> list[dict]:
+    def predict(self, items, batch_size: int = 32) -> list[dict]:
         """Predict on one item or a list: paths, bytes, PIL images or arrays."""
         single = not isinstance(items, (list, tuple))
         rows = list(self.iter_predict([items] if single else items, batch_size))
@@ -142,7 +142,7 @@ class Predictor(BasePredictor):
 
     def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str = "fp32",
                  tta: bool | None = None, prevalence: float | None = None, compile: str | bool = "off",
-                 n_images: int | None = None, batch_size: int = 64):
+                 n_images: int | None = None, batch_size: int = 32):
         super().__init__(checkpoint.classes, checkpoint.threshold, checkpoint.positive_index,
                          checkpoint.temperature, Preprocessing.from_dict(checkpoint.preprocessing))
         self.checkpoint = checkpoint
@@ -151,7 +151,8 @@ class Predictor(BasePredictor):
         self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)
         # Batches go through the fast path (bf16 weights, compiled where asked); `model` stays the
         # plain fp32 network that Grad-CAM and export work on.
-        self.fast = FastForward(self.model, self.precision, self.device, compile, n_images, batch_size)
+        self.fast = FastForward(self.model, self.precision, self.device, compile, n_images, batch_size,
+                                normalize=(self.preprocessing.mean, self.preprocessing.std))
         self.tta = checkpoint.tta if tta is None else bool(tta)
         if self.tta != checkpoint.tta and checkpoint.threshold is not None:
             warnings.warn(f"the threshold {checkpoint.threshold:.4g} was chosen on validation "
@@ -185,7 +186,8 @@ class Predictor(BasePredictor):
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.fast(self.to_input(batch))
+        """(N, 3, H, W) uint8 -> (N, C) logits; normalisation happens in the fast path."""
+        return self.fast(batch)
 
     def view_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(V, N, C) logits: V is 1, or len(TTA_VIEWS) with `tta`, the clean image first. The
@@ -227,7 +229,7 @@ class Predictor(BasePredictor):
 
 def load(run: str | Path, device: str | None = None, precision: str = "fp32", tta: bool | None = None,
          prevalence: float | None = None, compile: str | bool = "off", n_images: int | None = None,
-         batch_size: int = 64) -> Predictor:
+         batch_size: int = 32) -> Predictor:
     """The trained classifier in a run folder (or checkpoint file), ready to predict.
 
     `precision` "auto" uses bf16 where the hardware computes it natively; `compile` "auto"
