@@ -44,6 +44,15 @@ def make_folder(root: Path, classes=("NORMAL", "PNEUMONIA"), per_class: int = 14
     return root
 
 
+def link_real_slice(shared_data: Path, dest: Path, per_class: int) -> Path:
+    """A folder of symlinks to the first `per_class` real X-rays of each class of the shared train split."""
+    for name in ("NORMAL", "PNEUMONIA"):
+        (dest / name).mkdir(parents=True)
+        for source in sorted((shared_data / "chest_xray_224" / "train" / name).iterdir())[:per_class]:
+            (dest / name / source.name).symlink_to(source)
+    return dest
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_folder(tmp_path / "data")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import link_real_slice
+
 import xferlearn
 from xferlearn.checkpoint import load_checkpoint, save_checkpoint
 from xferlearn.cli import main
@@ -168,11 +170,7 @@ def test_predict_engine_onnx_exports_on_first_use_and_after_retraining(tiny_run,
 @pytest.mark.data
 def test_onnx_matches_pytorch_on_real_xrays(shared_data, tmp_path):
     """EfficientNet-Lite0 with its packaged ImageNet weights and a head trained on a few real X-rays."""
-    data = tmp_path / "data"
-    for name in ("NORMAL", "PNEUMONIA"):
-        (data / name).mkdir(parents=True)
-        for source in sorted((shared_data / "chest_xray_224" / "train" / name).iterdir())[:14]:
-            (data / name / source.name).symlink_to(source)
+    data = link_real_slice(shared_data, tmp_path / "data", 14)
     result = xferlearn.train(data=str(data), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
                              epochs=3, views=0, cache_dir=str(tmp_path / "cache"))
     torch_model = xferlearn.load(result.run_dir, device="cpu")

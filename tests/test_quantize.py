@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import link_real_slice
+
 import xferlearn
 from xferlearn.checkpoint import load_checkpoint, save_checkpoint
 from xferlearn.cli import main
@@ -98,11 +100,7 @@ def test_onnx_applies_tta_when_the_threshold_was_chosen_with_it(tiny_run, tiny_d
 def test_int8_refused_when_calibration_ranges_are_wrong(shared_data, tmp_path):
     """Activation ranges measured on black images clip real X-rays: the validation check must
     catch it and keep nothing. (On the tiny synthetic runs even that keeps the ranking.)"""
-    data = tmp_path / "data"
-    for name in ("NORMAL", "PNEUMONIA"):
-        (data / name).mkdir(parents=True)
-        for source in sorted((shared_data / "chest_xray_224" / "train" / name).iterdir())[:60]:
-            (data / name / source.name).symlink_to(source)
+    data = link_real_slice(shared_data, tmp_path / "data", 60)
     run = xferlearn.train(data=str(data), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
                           epochs=3, views=0, cache_dir=str(tmp_path / "cache")).run_dir
     black = tmp_path / "black"

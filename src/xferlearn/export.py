@@ -5,12 +5,15 @@ squashed (not cropped) to the input size. Normalisation and the calibrated tempe
 softmax are inside it, so it returns class probabilities that sum to 1, the same numbers
 `xferlearn predict` reports. The sidecar `model.json` holds the class names, the positive
 class, the decision threshold and where it came from, the temperature, the input size,
-mean/std and interpolation, the backbone and the versions. The batch axis is dynamic.
+mean/std and interpolation, the backbone and the versions, and, where the threshold was
+chosen on test-time-augmented probabilities, the views to average over. The batch axis is
+dynamic. `--format onnx-int8` adds an int8 quantisation of the ONNX graph (quantize.py).
 
 Each export is checked before it is kept: the ONNX graph by `onnx.checker`, and both
 formats by comparing their outputs with PyTorch's on a batch of a size the export never
 saw. `OnnxPredictor` runs an export with ONNX Runtime behind the same interface as
-`Predictor`; `load_onnx(run)` exports on first use.
+`Predictor` (averaging over the TTA views where the sidecar says so); `load_onnx(run)`
+exports on first use.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .images import Preprocessing
+from .augment import TTA_VIEWS, tta_views
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from .errors import XferlearnError
-from .images import atomic_write_bytes
-from .augment import TTA_VIEWS, tta_views
+from .images import Preprocessing, atomic_write_bytes
 from .predict import BasePredictor
 
 log = logging.getLogger(__name__)
@@ -265,7 +267,7 @@ class OnnxPredictor(BasePredictor):
         if batch.dtype != torch.uint8:
             raise ValueError(f"the exported model takes uint8 pixels (0..255), not {batch.dtype}")
         views = tta_views(batch) if self.tta else [batch]
-        pixels = np.ascontiguousarray(torch.cat(views).numpy())
+        pixels = np.ascontiguousarray((torch.cat(views) if self.tta else batch).numpy())
         probs = self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
         return probs.reshape(len(views), len(batch), -1).mean(axis=0)
 

@@ -115,16 +115,13 @@ def _probabilities(predictor, images: np.ndarray, batch: int = 64) -> np.ndarray
                            for i in range(0, len(images), batch)])
 
 
-def _operating_point(y: np.ndarray, probs: np.ndarray, classes: list[str], positive: int | None,
-                     rule: str, target: float | None) -> tuple[float | None, dict]:
-    from .metrics import choose_threshold, compute_metrics
+def _figures(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None) -> dict:
+    """AUC, and accuracy, sensitivity and specificity at `threshold` (argmax where None)."""
+    from .metrics import compute_metrics
 
-    threshold = None
-    if positive is not None:
-        threshold = choose_threshold((y == positive).astype(int), probs[:, positive], rule, target)
     metrics = compute_metrics(y, probs, classes, threshold, "validation")
     keys = ("auc", "accuracy", "sensitivity", "specificity")
-    return threshold, {key: metrics[key] for key in keys if key in metrics} | {"threshold": threshold}
+    return {key: metrics[key] for key in keys if key in metrics} | {"threshold": threshold}
 
 
 def export_int8(run: str | Path, out: str | Path | None = None, calibration: str | Path | None = None,
@@ -153,11 +150,15 @@ def export_int8(run: str | Path, out: str | Path | None = None, calibration: str
         fp32 = OnnxPredictor(folder)
         int8 = OnnxPredictor(folder, model_file=target)
         p32, p8 = _probabilities(fp32, val_images), _probabilities(int8, val_images)
-        rule, goal = checkpoint.config.get("threshold", "youden"), checkpoint.config.get("target_sensitivity")
-        classes, positive = checkpoint.classes, checkpoint.positive_index
-        _, fp32_point = _operating_point(val_y, p32, classes, positive, rule, goal)
-        fp32_point["threshold"] = checkpoint.threshold  # the export's own, chosen at training time
-        threshold, int8_point = _operating_point(val_y, p8, classes, positive, rule, goal)
+        classes, positive, threshold = checkpoint.classes, checkpoint.positive_index, None
+        if positive is not None:  # the run's own rule, on the int8 model's validation probabilities
+            from .metrics import choose_threshold
+
+            threshold = choose_threshold((val_y == positive).astype(int), p8[:, positive],
+                                         checkpoint.config.get("threshold", "youden"),
+                                         checkpoint.config.get("target_sensitivity"))
+        fp32_point = _figures(val_y, p32, classes, checkpoint.threshold)  # at the threshold chosen in training
+        int8_point = _figures(val_y, p8, classes, threshold)
         difference = int8_point["auc"] - fp32_point["auc"]
         if not abs(difference) <= tolerance:
             raise XferlearnError(f"int8 quantisation moved validation AUC by {difference:+.4f} ({fp32_point['auc']:.4f}"
