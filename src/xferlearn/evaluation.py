@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .data import ImageDataset, check_same_classes, class_folders, scan
+from .features import image_loader
 from .images import DecodeCache
 from .metrics import bootstrap_intervals, compute_metrics
 from .predict import Predictor, load
@@ -36,7 +36,7 @@ def evaluation_root(data: Path, classes: list[str]) -> Path:
 def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_size: int = 32) -> np.ndarray:
     """(N, C) probabilities for every image of a manifest, decoded through the cache."""
     dataset = ImageDataset(manifest.paths, manifest.digests, None, cache)
-    batches = [predictor.probabilities(images) for images, _ in DataLoader(dataset, batch_size=batch_size)]
+    batches = [predictor.probabilities(images) for images, _ in image_loader(dataset, batch_size)]
     return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
 
 

@@ -35,6 +35,14 @@ def default_workers() -> int:
     return 0 if cores < 2 else max(1, min(8, cores // 2))
 
 
+def image_loader(dataset, batch_size: int, workers: int | None = None, **options) -> DataLoader:
+    """Batches of decoded images: `default_workers()` loader processes unless told, and pinned
+    memory where a GPU takes the batches (its copies from pinned memory run asynchronously)."""
+    workers = default_workers() if workers is None else workers
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      **options)
+
+
 class PooledFeatures(torch.nn.Module):
     """A timm model cut before its classifier: (N, 3, H, W) -> (N, F) pooled pre-logits features."""
 
@@ -117,8 +125,7 @@ def extract(extractor: FeatureExtractor, paths, digests, cache: DecodeCache, *, 
         transform = train_transform(preset) if view else None
         dataset = ImageDataset([paths[i] for i in missing], [digests[i] for i in missing], None,
                                cache, transform, view, seed)
-        workers = default_workers() if workers is None else workers
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        loader = image_loader(dataset, batch_size, workers)
         task = progress.add_task(f"features ({name})", total=len(missing)) if progress else None
         done = 0
         for images, _ in loader:

@@ -47,12 +47,11 @@ from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 from timm.models import group_parameters
 from timm.optim import auto_group_layers, param_groups_layer_decay
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
 
 from .augment import normalize, to_tensor, train_transform
 from .config import TrainConfig
 from .data import ImageDataset, Manifest
-from .features import default_workers
+from .features import default_workers, image_loader
 from .images import DecodeCache, atomic_write_bytes
 from .inference import default_device, resolve_precision
 from .training import ClassifierModule, class_weights, console, fit, fit_head, read_history, train_loader
@@ -182,9 +181,8 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
     workers = default_workers() if config.workers is None else config.workers
     loader = train_loader(RandomViews(*pick(train_idx), cache, train_transform(config.augment)), labels[train_idx],
                           config, len(manifest.classes), batch_size=config.finetune_batch_size, num_workers=workers,
-                          drop_last=True, persistent_workers=workers > 0)
-    val_loader = DataLoader(ImageDataset(*pick(val_idx), cache), batch_size=config.batch_size_features,
-                            num_workers=workers)
+                          drop_last=True, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    val_loader = image_loader(ImageDataset(*pick(val_idx), cache), config.batch_size_features, workers)
     weights = class_weights(labels[train_idx], len(manifest.classes)) if config.imbalance == "weights" else None
     depths = config.stage_depths()
     for number, depth in enumerate(depths, start=1):

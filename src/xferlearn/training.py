@@ -39,7 +39,7 @@ from .checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Manifest, find_layout, save_split, scan, split_validation
 from .errors import XferlearnError
-from .features import FeatureExtractor, FeatureStore, default_workers, extract, feature_key, view_name
+from .features import FeatureExtractor, FeatureStore, extract, feature_key, image_loader, view_name
 from .inference import default_device, resolve_precision
 from .images import DecodeCache, atomic_write_bytes
 from .metrics import apply_temperature, choose_threshold, compute_metrics, fit_temperature, positive_index
@@ -275,8 +275,7 @@ def validation_view_logits(checkpoint: Checkpoint, manifest: Manifest, val_idx, 
 
     predictor = Predictor(checkpoint, precision=config.precision)
     dataset = ImageDataset([manifest.paths[i] for i in val_idx], [manifest.digests[i] for i in val_idx], None, cache)
-    workers = default_workers() if config.workers is None else config.workers
-    loader = DataLoader(dataset, batch_size=config.batch_size_features, num_workers=workers)
+    loader = image_loader(dataset, config.batch_size_features, config.workers)
     return np.concatenate([predictor.view_logits(images).cpu().numpy() for images, _ in loader], axis=1)
 
 
