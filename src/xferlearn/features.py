@@ -38,7 +38,8 @@ def default_workers() -> int:
 def image_loader(dataset, batch_size: int, workers: int | None = None, **options) -> DataLoader:
     """Batches of decoded images: `default_workers()` loader processes unless told, and pinned
     memory where a GPU takes the batches (its copies from pinned memory run asynchronously)."""
-    workers = default_workers() if workers is None else workers
+    if workers is None:  # a loader process overlaps batches: with one batch it only costs its start
+        workers = default_workers() if len(dataset) > batch_size else 0
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       **options)
 
