@@ -36,6 +36,7 @@ from .augment import TTA_VIEWS, tta_views
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from .errors import XferlearnError
 from .images import Preprocessing, atomic_write_bytes
+from .inference import NormalizedInput
 from .predict import BasePredictor
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,12 @@ class DeployableClassifier(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, temperature: float):
         super().__init__()
-        self.model = model
-        # The same arithmetic as augment.normalize, so exported and PyTorch outputs agree.
-        self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        # The fast path's own normalisation (fp32 arithmetic), so exported and PyTorch outputs agree.
+        self.network = NormalizedInput(model, preprocessing.mean, preprocessing.std, torch.float32)
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.float() - self.mean) / self.std
-        return (self.model(x) / self.temperature).softmax(dim=1)
+        return (self.network(pixels) / self.temperature).softmax(dim=1)
 
 
 def export_dir(run: str | Path) -> Path:
