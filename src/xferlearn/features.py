@@ -30,7 +30,8 @@ FEATURE_FORMAT = 1  # bump when the way features are computed changes
 def default_workers() -> int:
     """Loader processes that decode and augment while the model computes: one on 2 cores (it
     takes the gaps the model's two threads leave; the default recipe ran 109 s against 117 s
-    with none on the 2-core benchmark machine), half the cores (at most 8) where they are plenty."""
+    with none on the 2-core benchmark machine, one run each, so a rough figure), half the
+    cores (at most 8) where they are plenty."""
     cores = os.cpu_count() or 1
     return 0 if cores < 2 else max(1, min(8, cores // 2))
 
