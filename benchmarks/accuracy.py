@@ -80,7 +80,7 @@ def parse_flags(extra: list[str]) -> dict:
 
 def run_variant(data: Path, out: Path, cache: Path, options: dict) -> dict:
     from xferlearn import train
-    from xferlearn.metrics import bootstrap_intervals
+    from xferlearn.evaluation.metrics import bootstrap_intervals
 
     started = time.perf_counter()
     result = train(data=str(data), out=str(out), cache_dir=str(cache), **options)

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from xferlearn.metrics import bootstrap_intervals, choose_threshold, compute_metrics, positive_index
+from xferlearn.evaluation.metrics import bootstrap_intervals, compute_metrics, positive_index
+from xferlearn.evaluation.thresholds import choose_threshold
 
 
 def validation_probabilities(run: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:

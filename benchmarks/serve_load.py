@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def train_small_run(workdir: Path, per_class: int) -> Path:
     """efficientnet_lite0 on the first `per_class` images of each class of the shared train split."""
-    from xferlearn.training import train
+    from xferlearn import train
 
     source = SHARED / "chest_xray_224" / "train"
     if not source.is_dir():

@@ -199,7 +199,7 @@ def auc_step(scored: dict, keys) -> float:
 def agreement(predictions: list[dict], run: Path) -> list[dict]:
     """Each engine against the first (PyTorch fp32): AUC on the run's validation split and on all
     images, the largest probability difference, and how often the decided class is the same."""
-    from xferlearn.checkpoint import load_checkpoint
+    from xferlearn.models.checkpoint import load_checkpoint
 
     positive = load_checkpoint(run).positive_class
     split = json.loads((run / "split.json").read_text())
@@ -407,7 +407,7 @@ def benchmark(args, source: Path, work: Path) -> int:
                       (start_load, load_average()))
     print("\n" + report, flush=True)
     if args.out:
-        from xferlearn.images import atomic_write_bytes
+        from xferlearn.data.images import atomic_write_bytes
         atomic_write_bytes(Path(args.out), report.encode())
         print(f"speed: written to {args.out}")
     if args.workdir:

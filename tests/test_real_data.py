@@ -5,7 +5,7 @@ import random
 import pytest
 
 import xferlearn
-from xferlearn.data import patient_id
+from xferlearn.data.folders import patient_id
 
 pytestmark = pytest.mark.data
 

@@ -5,6 +5,10 @@
     model = xferlearn.load("runs/cxr")
     model.predict(["a.jpeg", "b.jpeg"])
     xferlearn.evaluate("runs/cxr", "chest_xray/test")
+    xferlearn.export("runs/cxr", "onnx")
+
+The package is laid out by stage of the data flow (ARCHITECTURE.md): data/ -> models/ ->
+evaluation/ -> training/ -> deploy/, with api.py and cli.py on top.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-# The public API, imported on first use (PEP 562): Lightning, timm and scikit-learn take
-# seconds to import, and `xferlearn --help` or a prediction from an ONNX export needs none
-# of them. No submodule shares a name with a function here, so an attribute is never
-# shadowed by a submodule of the same name.
+# The public API, imported on first use (PEP 562): torch, Lightning, timm and scikit-learn
+# take seconds to import, and `xferlearn --help` needs none of them. No subpackage shares a
+# name with a function here, so an attribute is never shadowed by a submodule.
 _API = {
-    "train": "training", "TrainConfig": "config", "evaluate": "evaluation", "load": "predict",
-    "Predictor": "predict", "list_backbones": "backbones", "create_model": "backbones",
-    "load_checkpoint": "checkpoint", "XferlearnError": "errors",
+    "train": "api", "load": "api", "evaluate": "api", "predict": "api", "explain": "api", "export": "api",
+    "serve": "api", "Model": "api", "TrainConfig": "config", "Predictor": "models.predictor",
+    "list_backbones": "models.backbones", "create_model": "models.backbones",
+    "load_checkpoint": "models.checkpoint", "XferlearnError": "errors",
 }
 
 __all__ = ["__version__", *_API]

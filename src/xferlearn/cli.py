@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from .config import TrainConfig
+from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, TrainConfig
 from .errors import XferlearnError
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
@@ -42,7 +42,7 @@ def add_train(commands) -> None:
 
 
 def run_train(args) -> int:
-    from .training import train
+    from .training.pipeline import train
 
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     train(TrainConfig(**options))
@@ -71,7 +71,7 @@ def add_operating_point_flags(parser) -> None:
 
 
 def run_evaluate(args) -> int:
-    from .evaluation import evaluate
+    from .evaluation.evaluate import evaluate
 
     metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap,
                        gallery=args.gallery, tta=args.tta, prevalence=args.prevalence)
@@ -92,11 +92,11 @@ def add_predict(commands) -> None:
     parser.add_argument("--format", choices=("csv", "json"), default="csv")
     parser.add_argument("--output", "-o", help="write to this file instead of stdout")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="(--engine torch) auto: bf16 where the hardware computes it natively")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                         help="(--engine torch) torch.compile the network; auto: when there are enough images to repay it")
-    parser.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="onnx: ONNX Runtime on RUN/export/model.onnx, exported there on first use; onnx-int8: "
                              "its int8 quantisation (fastest on CPU), kept only if validation AUC holds within 0.002")
     add_operating_point_flags(parser)
@@ -104,22 +104,13 @@ def add_predict(commands) -> None:
 
 
 def run_predict(args) -> int:
-    from .predict import expand_paths, load, write_rows
+    from .data.folders import expand_paths
+    from .deploy.predict import load_engine, write_rows
 
-    if args.engine in ("onnx", "onnx-int8"):
-        from .export import load_onnx
-
-        if args.precision not in ("fp32", "auto"):
-            raise XferlearnError("--precision applies to --engine torch; ONNX engines run their export as it is.")
-        if args.tta or args.prevalence is not None:
-            raise XferlearnError("--tta and --prevalence apply to --engine torch; ONNX engines apply test-time "
-                                 "augmentation where the export's threshold was chosen with it.")
-        predictor = load_onnx(args.run, int8=args.engine == "onnx-int8")
-        paths = expand_paths(args.paths)
-    else:
-        paths = expand_paths(args.paths)
-        predictor = load(args.run, precision=args.precision, compile=args.compile, n_images=len(paths),
-                         batch_size=args.batch_size, tta=args.tta, prevalence=args.prevalence)
+    paths = expand_paths(args.paths)
+    predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
+                            n_images=len(paths), batch_size=args.batch_size, tta=args.tta,
+                            prevalence=args.prevalence)
     rows = predictor.iter_predict(paths, batch_size=args.batch_size)
     if args.output:
         with open(args.output, "w", newline="") as out:
@@ -137,7 +128,7 @@ def add_backbones(commands) -> None:
 
 
 def run_backbones(args) -> int:
-    from .backbones import list_backbones
+    from .models.backbones import list_backbones
 
     rows = list_backbones()
     if args.json:
@@ -168,7 +159,7 @@ def add_serve(commands) -> None:
 
 
 def run_serve(args) -> int:
-    from .serve import serve
+    from .deploy.serve import serve
 
     if not args.max_upload_mb > 0:
         raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
@@ -188,7 +179,7 @@ def add_explain(commands) -> None:
 
 
 def run_explain(args) -> int:
-    from .explain import explain_files
+    from .evaluation.explain import explain_files
 
     skipped = []
 
@@ -204,7 +195,7 @@ def run_explain(args) -> int:
 def add_export(commands) -> None:
     parser = commands.add_parser("export", help="export a run as ONNX or TorchScript, with a model.json sidecar")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
-    parser.add_argument("--format", choices=("onnx", "onnx-int8", "torchscript"), default="onnx",
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
                         help="onnx-int8: the ONNX export quantised to int8, kept only if validation AUC holds")
     parser.add_argument("--out", help="folder to write into (default: RUN/export)")
     parser.add_argument("--calibration", help="(onnx-int8) a folder of images to measure activation ranges on "
@@ -213,7 +204,7 @@ def add_export(commands) -> None:
 
 
 def run_export(args) -> int:
-    from .export import export
+    from .deploy.export import export
 
     written = export(args.run, args.format, args.out, args.calibration)
     for path in written.values():

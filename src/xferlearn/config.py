@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ._io import write_json
 from .errors import XferlearnError
 
 RECIPES = ("linear", "finetune")
@@ -17,6 +18,12 @@ IMBALANCE = ("none", "weights", "sampler")
 THRESHOLDS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
+COMPILE_MODES = ("auto", "on", "off")
+AUGMENT_PRESETS = ("article", "xray", "none")  # defined in data/augment.py (train_transform)
+# Choices of the other commands, named here (the one light module the CLI imports) so that
+# `--help`, the checks and the code that acts on them share one definition.
+ENGINES = ("torch", "onnx", "onnx-int8")
+EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")  # onnx-int8 is derived from onnx (deploy/quantize.py)
 # The augmentation each recipe uses unless --augment says otherwise (benchmarks/RESULTS.md has
 # the validation comparison behind the finetune choice).
 DEFAULT_AUGMENT = {"linear": "article", "finetune": "xray"}
@@ -66,15 +73,13 @@ class TrainConfig:
             if not ok:
                 raise XferlearnError(message)
 
-        from .augment import PRESETS  # here, not at the top: it brings torchvision, and `xferlearn --help` should not wait
-
         need(self.recipe in RECIPES, f"--recipe must be one of {RECIPES}, not {self.recipe!r}.")
         if self.augment is None:
             self.augment = DEFAULT_AUGMENT[self.recipe]
-        need(self.augment in PRESETS, f"--augment must be one of {PRESETS}, not {self.augment!r}.")
+        need(self.augment in AUGMENT_PRESETS, f"--augment must be one of {AUGMENT_PRESETS}, not {self.augment!r}.")
         need(self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}, not {self.imbalance!r}.")
         need(self.threshold in THRESHOLDS, f"--threshold must be one of {THRESHOLDS}, not {self.threshold!r}.")
-        need(self.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, not {self.compile!r}.")
+        need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, not {self.compile!r}.")
         need(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, not {self.precision!r}.")
         need(self.epochs >= 1, "--epochs must be at least 1.")
         need(self.batch_size >= 1 and self.batch_size_features >= 1, "batch sizes must be at least 1.")
@@ -123,8 +128,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def save(self, path: Path) -> None:
-        from .images import atomic_write_bytes
-        atomic_write_bytes(Path(path), json.dumps(self.to_dict(), indent=2).encode())
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -1,0 +1,97 @@
+"""The public API: one function per command, and a loaded model that does them all.
+
+    import xferlearn
+    result = xferlearn.train("chest_xray/train", out="runs/cxr")   # TrainConfig's fields as keywords
+    model = xferlearn.load("runs/cxr")                              # a Model (a PyTorch Predictor)
+    model.predict(["a.jpeg", "b.jpeg"])
+    model.evaluate("chest_xray/test")                               # = xferlearn.evaluate("runs/cxr", ...)
+    model.explain("a.jpeg")                                         # Grad-CAM
+    model.export("onnx")                                            # = xferlearn.export("runs/cxr", "onnx")
+
+In the spirit of fastai's `Learner` and Keras' `Model`: what a run can do is a method of
+the loaded model and a function of the package. Each function imports its stage on first
+use, so `import xferlearn` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .models.checkpoint import load_checkpoint
+from .models.predictor import Predictor
+
+
+class Model(Predictor):
+    """A trained run, loaded: Predictor's `predict`/`iter_predict`/`probabilities`, plus the
+    commands that take a run (`evaluate`, `explain`, `export`) as methods."""
+
+    def __init__(self, run: str | Path, **options):
+        super().__init__(load_checkpoint(run), **options)
+        self.run = Path(run)
+
+    def evaluate(self, data: str | Path, out: str | Path | None = None, **options) -> dict:
+        return evaluate(self.run, data, out, **options)
+
+    def explain(self, item):
+        """Grad-CAM for one image (a path, bytes, PIL image or array): an `Explanation`."""
+        from .evaluation.explain import explain as explain_one
+
+        return explain_one(self, item)
+
+    def export(self, fmt: str = "onnx", out: str | Path | None = None, **options) -> dict[str, Path]:
+        return export(self.run, fmt, out, **options)
+
+
+def load(run: str | Path, **options) -> Model:
+    """The trained classifier in a run folder (or checkpoint file); options as `Predictor`'s
+    (`device`, `precision`, `tta`, `prevalence`, `compile`, `n_images`, `batch_size`)."""
+    return Model(run, **options)
+
+
+def train(data: str | Path | None = None, config=None, **options):
+    """Train on a folder of class folders; `options` are TrainConfig's fields. Returns a TrainResult."""
+    from .config import TrainConfig
+    from .training.pipeline import train as run_training
+
+    if config is None:
+        config = TrainConfig(data=str(data), **options) if data is not None else TrainConfig(**options)
+    return run_training(config)
+
+
+def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, **options) -> dict:
+    """metrics.json, report.md and plots for a run on labelled data; returns the metrics."""
+    from .evaluation.evaluate import evaluate as run_evaluation
+
+    return run_evaluation(run, data, out, **options)
+
+
+def predict(run: str | Path, items, engine: str = "torch", **options) -> list[dict]:
+    """One row per image (paths, folders, bytes, PIL images or arrays) from a run on `engine`."""
+    from .data.folders import expand_paths
+    from .deploy.predict import load_engine
+
+    items = items if isinstance(items, (list, tuple)) else [items]
+    paths = [i for i in items if isinstance(i, (str, Path))]
+    items = expand_paths(paths) + [i for i in items if not isinstance(i, (str, Path))]
+    return load_engine(run, engine, **options).predict(list(items))
+
+
+def explain(run: str | Path, paths, out: str | Path = ".") -> list[Path]:
+    """Grad-CAM PNGs for image files and folders, written into `out`; returns their paths."""
+    from .evaluation.explain import explain_files
+
+    return explain_files(run, paths if isinstance(paths, (list, tuple)) else [paths], out)
+
+
+def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, **options) -> dict[str, Path]:
+    """Export a run as ONNX, int8 ONNX or TorchScript with its model.json sidecar."""
+    from .deploy.export import export as run_export
+
+    return run_export(run, fmt, out, **options)
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve a run over HTTP (blocks until stopped)."""
+    from .deploy.serve import serve as run_service
+
+    run_service(run, host=host, port=port, **options)

@@ -1,0 +1,84 @@
+"""Augmentation presets, defined in one place (torchvision.transforms.v2).
+
+Images arrive as decoded uint8 arrays already squashed to the model's input size (see
+`images.py`), so a preset only perturbs them; normalisation is a separate, batched step
+(`models.inference.normalize`) shared by training, evaluation, prediction and export.
+
+- `article`: the Keras article's ImageDataGenerator: shear_range=0.2, zoom_range=0.2,
+  horizontal_flip=True. Keras takes shear_range in *degrees*, so 0.2 is a 0.2 degree
+  shear, kept as such; its zoom scales each axis independently in [0.8, 1.2], here both
+  axes together.
+- `xray`: small rotations and shifts, mild zoom, brightness and contrast; no flip, since
+  a flip moves the heart to the other side.
+- `none`: the image as it is.
+
+Test-time augmentation (`tta_views`) averages the prediction over the clean image and a few
+deterministic, mild views (zoom in and out, shifts along the diagonal): the kind of change
+the `xray` preset trains for. No flip: a flipped chest is not a chest the model saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from ..config import AUGMENT_PRESETS as PRESETS
+
+# (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
+TTA_VIEWS = ((1.0, (0.0, 0.0)), (1.06, (0.0, 0.0)), (0.94, (0.0, 0.0)),
+             (1.0, (0.03, 0.03)), (1.0, (-0.03, -0.03)))
+
+
+def train_transform(preset: str):
+    """A transform from a (3, H, W) uint8 tensor to an augmented (3, H, W) uint8 tensor."""
+    from torchvision.transforms import v2  # imported on use: predicting from an export needs no torchvision
+
+    if preset == "article":
+        return v2.Compose([
+            v2.RandomAffine(degrees=0, shear=0.2, scale=(0.8, 1.2)),
+            v2.RandomHorizontalFlip(),
+        ])
+    if preset == "xray":
+        return v2.Compose([
+            v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+        ])
+    if preset == "none":
+        return v2.Identity()
+    raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor, without copying."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def view_seed(digest: str, view: int, seed: int) -> int:
+    """A seed per (image, view, run seed): view k of an image is the same in every run,
+    so its cached features stay valid, and differs between images and views."""
+    return int.from_bytes(hashlib.sha1(f"{digest}:{view}:{seed}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def augmented(array: np.ndarray, transform, seed: int) -> torch.Tensor:
+    """One reproducible augmented view of a decoded image."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(to_tensor(array))
+
+
+def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """(N, 3, H, W) uint8 -> the TTA_VIEWS of it, each (N, 3, H, W) uint8; the first is `batch` itself."""
+    from torchvision.transforms import v2
+
+    height, width = batch.shape[-2:]
+    views = []
+    for scale, (dx, dy) in TTA_VIEWS:
+        if scale == 1.0 and dx == dy == 0.0:
+            views.append(batch)
+            continue
+        views.append(v2.functional.affine(batch, angle=0.0, translate=[round(dx * width), round(dy * height)],
+                                          scale=scale, shear=[0.0, 0.0],
+                                          interpolation=v2.InterpolationMode.BILINEAR))
+    return views

@@ -1,0 +1,94 @@
+"""The run folder's schema: one place that names every file a run holds.
+
+    RUN/model.pt                     the self-describing checkpoint (models/checkpoint.py)
+    RUN/config.json                  the resolved TrainConfig
+    RUN/split.json                   the manifest of the training and validation images
+    RUN/validation_metrics.json      validation figures at the chosen operating point
+    RUN/validation_predictions.csv   per validation image: file, label, probabilities
+    RUN/logs/[STAGE/]metrics.csv     training curves (Lightning's CSV logger)
+    RUN/lightning/[STAGE/]last.ckpt  Lightning's checkpoints, for --resume
+    RUN/stages/STAGE.pt              finished fine-tune stages, for --resume
+    RUN/export/                      ONNX / TorchScript exports and their model.json
+    RUN/metrics.json, report.md, *.png, gallery/   the latest `evaluate`
+    RUN/stress/                      the latest `stress` test
+
+Every command finds its files through `RunDir`; none spells a file name itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._io import read_csv_rows, write_csv_rows
+
+CHECKPOINT = "model.pt"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @classmethod
+    def of(cls, run_or_checkpoint: str | Path) -> "RunDir":
+        """The run folder of a run folder, or of a checkpoint file given directly."""
+        path = Path(run_or_checkpoint)
+        return cls(path.parent if path.is_file() or path.suffix == ".pt" else path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def validation_metrics(self) -> Path:
+        return self.root / "validation_metrics.json"
+
+    @property
+    def validation_predictions(self) -> Path:
+        return self.root / "validation_predictions.csv"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def stress(self) -> Path:
+        return self.root / "stress"
+
+    def history(self, stage: str = "") -> Path:
+        return self.root / "logs" / stage / "metrics.csv"
+
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def lightning(self, stage: str = "") -> Path:
+        return self.root / "lightning" / stage
+
+    def stage(self, name: str) -> Path:
+        return self.root / "stages" / f"{name}.pt"
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    """A run folder's checkpoint, or the checkpoint file itself when given one."""
+    run = Path(run)
+    return run / CHECKPOINT if run.is_dir() else run
+
+
+def read_history(path: Path) -> list[dict]:
+    """A Lightning metrics.csv as rows (empty where there is none yet)."""
+    return read_csv_rows(path)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    write_csv_rows(path, rows)

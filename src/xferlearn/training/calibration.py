@@ -1,0 +1,83 @@
+"""The operating point, chosen on the validation split alone.
+
+A temperature is fitted on the validation logits (calibrated probabilities), then the
+decision threshold is chosen by the run's rule (Youden's J, or a target sensitivity), on
+test-time-augmented probabilities where the run predicts with them. Both go into the
+checkpoint as a typed `OperatingPoint`; nothing here ever sees a test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .._io import write_csv_rows
+from ..config import TrainConfig
+from ..data.folders import ImageDataset, Manifest
+from ..data.images import DecodeCache
+from ..evaluation.metrics import compute_metrics
+from ..evaluation.thresholds import apply_temperature, choose_operating_point, fit_temperature
+from ..models.checkpoint import Checkpoint
+from ..models.features import image_loader
+from ..models.predictor import Predictor
+
+
+def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], positive: int | None,
+                    config: TrainConfig, view_logits: np.ndarray | None = None):
+    """Temperature, operating point and validation metrics, all from the validation split alone.
+
+    The temperature is fitted on the clean images' logits; with `view_logits` (V, N, C), the
+    test-time-augmented logits, the threshold is chosen on the mean of their calibrated
+    probabilities, the way prediction will compute them."""
+    temperature = fit_temperature(val_logits, val_y)
+    if view_logits is None:
+        probs = apply_temperature(val_logits, temperature)
+    else:
+        probs = np.mean([apply_temperature(v, temperature) for v in view_logits], axis=0)
+    point = choose_operating_point(val_y, probs, positive, config.threshold, config.target_sensitivity,
+                                   data="validation split", n=len(val_y), when="training",
+                                   tta_views=0 if view_logits is None else len(view_logits))
+    metrics = compute_metrics(val_y, probs, classes, point.value, point.describe())
+    return temperature, point, metrics, probs
+
+
+def validation_view_logits(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: DecodeCache,
+                           config: TrainConfig) -> np.ndarray:
+    """(V, N, C) logits of the validation images through the whole trained network, over the
+    test-time-augmentation views where the checkpoint says `tta` (V=1 otherwise)."""
+    predictor = Predictor(checkpoint, precision=config.precision)
+    dataset = ImageDataset([manifest.paths[i] for i in val_idx], [manifest.digests[i] for i in val_idx], None, cache)
+    loader = image_loader(dataset, config.batch_size_features, config.workers)
+    return np.concatenate([predictor.view_logits(images).cpu().numpy() for images, _ in loader], axis=1)
+
+
+def calibrate(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: DecodeCache, config: TrainConfig,
+              val_logits: np.ndarray | None = None) -> np.ndarray:
+    """Set the checkpoint's temperature, operating point and validation metrics from the
+    validation split; return the validation probabilities they were chosen on. The clean
+    logits are computed through the trained network unless given (the linear recipe's head
+    scored the cached features already); with `tta`, so are the TTA views'."""
+    val_y = manifest.labels[val_idx]
+    view_logits = None
+    if val_logits is None or config.tta:
+        view_logits = validation_view_logits(checkpoint, manifest, val_idx, cache, config)
+        val_logits = view_logits[0]
+    positive = checkpoint.positive_index
+    temperature, point, metrics, val_probs = operating_point(
+        val_logits, val_y, manifest.classes, positive, config, view_logits if config.tta else None)
+    if config.tta:  # what TTA bought, each side at its own validation threshold
+        *_, without, _ = operating_point(val_logits, val_y, manifest.classes, positive, config)
+        metrics["without_tta"] = {key: without[key] for key in ("auc", "accuracy", "sensitivity", "specificity",
+                                                                "threshold")}
+    checkpoint.temperature, checkpoint.operating_point, checkpoint.metrics = temperature, point, metrics
+    return val_probs
+
+
+def write_validation_predictions(path: Path, manifest: Manifest, val_idx, probs: np.ndarray) -> None:
+    """Per validation image: file, true class and calibrated probabilities, for error analysis
+    and the benchmarks' bootstrap intervals."""
+    columns = ["file", "label", *[f"p_{name}" for name in manifest.classes]]
+    rows = [dict(zip(columns, [manifest.paths[i], manifest.classes[manifest.labels[i]], *[f"{p:.6f}" for p in row]]))
+            for i, row in zip(val_idx, probs)]
+    write_csv_rows(path, rows, columns)

@@ -1,0 +1,252 @@
+"""The `finetune` recipe: the head first, on cached features, then the network, unfrozen in stages.
+
+fastai's `fine_tune` as the default rather than homework:
+- Stage 0 ("head") is the `linear` recipe itself (`linear.fit_head`): the new classifier
+  trains in seconds on features cached once per image and view, so the network's first
+  gradients come from a sensible head, not a random one that would scramble the top blocks.
+- Stages 1..K (`--stages 4,9`): each trains the head and the top N layer groups below it
+  (timm's finest grouping, one group per EfficientNet/ResNet block, the stem at the bottom),
+  the rest frozen. Layer-wise rates: the head gets `--lr-backbone`, each group further down
+  `--layer-decay` times the one above it (early layers hold generic edges and textures;
+  they need the least change). AdamW (no decay on norms and biases), a one-cycle schedule
+  per stage (10% warm-up, then cosine), early stopping on validation AUC (`--patience`),
+  optionally an EMA of the weights (`--ema 0.99`, Lightning's EMAWeightAveraging, used for
+  validation and checkpoints). Each stage starts from the previous stage's best epoch.
+- The result is the stage, head included, with the best validation AUC.
+
+BatchNorm policy (`--bn-policy`): `frozen` (the default) keeps every BatchNorm layer in
+eval mode with the statistics it came with, throughout; its scale and shift still train
+with their block. Batches of 32 give noisy batch statistics, and statistics that move
+shift every activation the head stage was fitted to. `last_stage` lets the BatchNorm layers
+of the trained blocks update their statistics (train mode) in the last stage only, once the
+weights have settled; on a validation slice it lowered that stage's AUC, with and without
+EMA (benchmarks/RESULTS.md), hence the default. Frozen layers are always in eval mode,
+dropout and stochastic depth included, so they compute exactly what the cached features
+came from.
+
+Training images are decoded through the DecodeCache and given a fresh random view of the
+`--augment` preset each time they are drawn; forward passes run in bf16 where the CPU does
+it natively (Lightning's "bf16-mixed"), in channels-last layout.
+
+Resumption: each finished stage leaves RUN/stages/NAME.pt (its best weights and score); a
+run restarted with `--resume` loads finished stages instead of training them again, and
+continues the unfinished one from RUN/lightning/NAME/last.ckpt (the end of its last epoch).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
+from timm.models import group_parameters
+from timm.optim import auto_group_layers, param_groups_layer_decay
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._io import atomic_write
+from ..config import TrainConfig
+from ..data.augment import to_tensor, train_transform
+from ..data.folders import ImageDataset, Manifest
+from ..data.images import DecodeCache
+from ..models.features import default_workers, image_loader
+from ..models.inference import default_device, normalize, resolve_precision
+from ..rundir import RunDir, read_history, write_history
+from .linear import fit_head
+from .loop import ClassifierModule, class_weights, console, fit, train_loader
+
+WARMUP_FRACTION = 0.1  # of each stage's steps: the rate climbs from 1/25 of its peak
+
+
+def layer_ids(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter name -> layer group, 0 at the input, the classifier at the top: timm's own
+    grouping, the one its layer-decay optimisers use."""
+    if hasattr(model, "group_matcher"):
+        ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    else:
+        ids = auto_group_layers(model)
+    top = max(ids.values())
+    return {name: ids.get(name, top) for name, _ in model.named_parameters()}
+
+
+def unfreeze(model: torch.nn.Module, depth: int | None) -> list[str]:
+    """Train the classifier and the `depth` layer groups below it (None: every layer); freeze
+    the rest. Returns the names of the trainable parameters."""
+    ids = layer_ids(model)
+    lowest = 0 if depth is None else max(ids.values()) - depth
+    for name, param in model.named_parameters():
+        param.requires_grad_(ids[name] >= lowest)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def optimizer_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: rate `lr_backbone` x layer_decay^k
+    for the group k layers below the classifier, no weight decay on 1-D tensors (norms, biases)."""
+    groups = param_groups_layer_decay(model, weight_decay=config.weight_decay, layer_decay=config.layer_decay)
+    for group in groups:
+        group["lr"] = config.lr_backbone * group.pop("lr_scale")
+    return groups
+
+
+class FinetuneModule(ClassifierModule):
+    """The whole network on uint8 image batches, with the BatchNorm policy applied at the start
+    of every training epoch (Lightning 2.x keeps module modes as it finds them, and the head
+    stage leaves the network in eval mode)."""
+
+    def __init__(self, net: torch.nn.Module, classes: list[str], preprocessing, config: TrainConfig, *,
+                 update_bn: bool, class_weights: torch.Tensor | None = None):
+        super().__init__(net, classes, lr=config.lr_backbone, weight_decay=config.weight_decay,
+                         epochs=config.finetune_epochs, class_weights=class_weights)
+        self.net = net.to(memory_format=torch.channels_last)
+        self.mean, self.std = preprocessing.mean, preprocessing.std
+        self.config, self.update_bn = config, update_bn
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def on_train_epoch_start(self):
+        self.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            trainable = [name for name, param in self.net.named_parameters() if param.requires_grad]
+            for name, module in self.net.named_modules():
+                active = not name or any(t.startswith(name + ".") for t in trainable)
+                if not active or (isinstance(module, _BatchNorm) and not self.update_bn):
+                    module.eval()
+        return self
+
+    def configure_optimizers(self):
+        groups = optimizer_groups(self.net, self.config)
+        optimizer = torch.optim.AdamW(groups)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in groups], total_steps=self.trainer.estimated_stepping_batches,
+            pct_start=WARMUP_FRACTION, anneal_strategy="cos", cycle_momentum=False)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class RandomViews(ImageDataset):
+    """Decoded training images, each drawn with a fresh random view of the augmentation preset."""
+
+    def __getitem__(self, index: int):
+        array = self.cache.get(self.paths[index], self.digests[index])
+        return self.transform(to_tensor(array)), int(self.labels[index])
+
+
+def stage_callbacks(config: TrainConfig) -> list:
+    """The callbacks of every fine-tune stage (a seam the tests use to interrupt a run)."""
+    callbacks = [EarlyStopping(monitor="val_auc", mode="max", patience=config.patience)]
+    if config.ema:
+        callbacks.append(EMAWeightAveraging(decay=config.ema))
+    return callbacks
+
+
+def save_stage(path: Path, model: torch.nn.Module, record: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "record": record}, buffer)
+    atomic_write(path, buffer.getvalue())
+    return record
+
+
+def load_stage(path: Path, model: torch.nn.Module) -> dict:
+    """A finished stage's record, its weights loaded into `model`."""
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(stored["state_dict"])
+    return stored["record"]
+
+
+def resume_stage(path: Path, model: torch.nn.Module, config: TrainConfig) -> dict | None:
+    """With --resume, a stage that finished in an earlier run: its weights and record. None: train it."""
+    if not (config.resume and path.exists()):
+        return None
+    record = load_stage(path, model)
+    console.print(f"Resuming: stage {record['stage']} was done (validation AUC {record['val_auc']:.4f}).")
+    return record
+
+
+def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str,
+             weights_tag: str, preprocessing, cache: DecodeCache, run: Path) -> dict:
+    """The staged fine-tune; leaves the best stage's weights in `model` and returns how it chose."""
+    rundir = RunDir(run)
+    records = [resume_stage(rundir.stage("head"), model, config)
+               or fit_head_stage(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing,
+                                 cache, run)]
+    labels = manifest.labels
+    pick = lambda idx: ([manifest.paths[i] for i in idx], [manifest.digests[i] for i in idx], labels[idx])  # noqa: E731
+    workers = default_workers() if config.workers is None else config.workers
+    loader = train_loader(RandomViews(*pick(train_idx), cache, train_transform(config.augment)), labels[train_idx],
+                          config, len(manifest.classes), batch_size=config.finetune_batch_size, num_workers=workers,
+                          drop_last=True, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    val_loader = image_loader(ImageDataset(*pick(val_idx), cache), config.batch_size_features, workers)
+    weights = class_weights(labels[train_idx], len(manifest.classes)) if config.imbalance == "weights" else None
+    depths = config.stage_depths()
+    for number, depth in enumerate(depths, start=1):
+        records.append(resume_stage(rundir.stage(f"stage{number}"), model, config) or fit_stage(
+            model, number, depth, loader, val_loader, config, run, preprocessing, manifest.classes, weights,
+            update_bn=config.bn_policy == "last_stage" and number == len(depths)))
+
+    # The best stage by validation AUC; on a tie the earlier one, which changed the weights least.
+    chosen = max(range(len(records)), key=lambda k: (records[k]["val_auc"] or 0.0, -k))
+    if chosen < len(records) - 1:  # the model holds the last stage's best epoch
+        load_stage(rundir.stage(records[chosen]["stage"]), model)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.eval()
+    combine_histories(run, [r["stage"] for r in records])
+    console.print("Stages (validation AUC): " + ", ".join(f"{r['stage']} {r['val_auc']:.4f}" for r in records)
+                  + f"; chosen: {records[chosen]['stage']}.")
+    return {"best_epoch_val_auc": records[chosen]["val_auc"], "chosen_stage": records[chosen]["stage"],
+            "stages": records, "bn_policy": config.bn_policy, "ema": config.ema}
+
+
+def fit_head_stage(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing, cache,
+                   run: Path) -> dict:
+    """Stage 0: the `linear` recipe's head on cached features (linear.py), saved as RUN/stages/head.pt."""
+    started = time.perf_counter()
+    selection, _, _ = fit_head(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing,
+                               cache, run, stage="head")
+    return save_stage(RunDir(run).stage("head"), model, {
+        "stage": "head", "depth": 0, "val_auc": selection["best_epoch_val_auc"],
+        "epochs": selection["epochs_run"], "seconds": round(time.perf_counter() - started, 1)})
+
+
+def fit_stage(model, number: int, depth: int | None, loader, val_loader, config: TrainConfig, run: Path,
+              preprocessing, classes: list[str], weights, *, update_bn: bool) -> dict:
+    """Fine-tune stage `number` through Lightning, saved as RUN/stages/stageN.pt; the model keeps
+    its best epoch."""
+    name, started = f"stage{number}", time.perf_counter()
+    # Each stage draws its own random views and dropout masks from the run's seed, whatever came
+    # before it (cached features, a resumed run): the same command gives the same model.
+    L.seed_everything(config.seed + number, verbose=False)
+    trainable = unfreeze(model, depth)
+    console.print(f"Fine-tune {name}: {len(trainable)} parameter tensors train "
+                  f"({'all layers' if depth is None else f'{depth} layer groups below the head'}"
+                  f"{', BatchNorm statistics updating' if update_bn else ''}).")
+    module = FinetuneModule(model, classes, preprocessing, config, class_weights=weights, update_bn=update_bn)
+    device = default_device()
+    precision = "bf16-mixed" if resolve_precision(config.precision, device) == "bf16" else "32-true"
+    best = fit(module, loader, val_loader, config, run, stage=name, max_epochs=config.finetune_epochs,
+               callbacks=stage_callbacks(config), precision=precision, accelerator=device.type)
+    return save_stage(RunDir(run).stage(name), model, {
+        "stage": name, "depth": depth, "val_auc": best["best_epoch_val_auc"], "epochs": best["epochs_run"],
+        "seconds": round(time.perf_counter() - started, 1)})
+
+
+def combine_histories(run: Path, stages: list[str]) -> None:
+    """RUN/logs/metrics.csv: the stages' logs end to end, epochs numbered across stages, so the
+    report's training curves show the whole recipe."""
+    rows, offset = [], 0
+    for stage in stages:
+        history = read_history(RunDir(run).history(stage))
+        epochs = [int(row["epoch"]) for row in history if row.get("epoch")]
+        for row in history:
+            if row.get("epoch"):
+                rows.append({**row, "epoch": str(int(row["epoch"]) + offset)})
+        offset += max(epochs, default=-1) + 1
+    if rows:
+        write_history(RunDir(run).history(), rows)
+

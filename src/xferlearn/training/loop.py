@@ -1,0 +1,152 @@
+"""The training loop every recipe shares: a Lightning module and one `fit`.
+
+`ClassifierModule` trains a network (a head on cached features, or a whole network) with
+cross-entropy and logs validation loss, accuracy and AUC each epoch; `fit` runs Lightning
+with best-by-validation-AUC checkpoint selection and resumption from `last.ckpt`. Lightning
+runs the loop, so checkpoints, progress bars, bf16 and DDP come from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from rich.console import Console
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+from ..config import TrainConfig
+from ..evaluation.metrics import positive_index
+from ..rundir import RunDir, read_history, write_history
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's start-up chatter and notices that say nothing a user acts on, silenced for
+    the fit alone (not for the user's process)."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        # On --resume the run folder is meant to be reused (keep_earlier_history restores the log).
+        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+        # Frozen layers (and, by policy, BatchNorm) are in eval mode on purpose in a fine-tune.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy training of `net` (a head on features, or a whole network), with
+    validation loss, accuracy and AUC logged each epoch for checkpoint selection."""
+
+    def __init__(self, net: torch.nn.Module, classes: list[str], *, lr: float, weight_decay: float,
+                 epochs: int, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.net, self.classes = net, classes
+        self.lr, self.weight_decay, self.epochs = lr, weight_decay, epochs
+        self.positive = positive_index(classes) if len(classes) == 2 else None
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(len(classes)))
+        self._val_logits, self._val_targets = [], []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, weight=self.class_weights)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self._val_logits.append(self(x).float())
+        self._val_targets.append(y)
+
+    def on_validation_epoch_end(self):
+        logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
+        self._val_logits, self._val_targets = [], []
+        probs = logits.softmax(dim=1)
+        if self.positive is not None:
+            auc = binary_auroc(probs[:, self.positive], (targets == self.positive).long())
+        else:
+            auc = multiclass_auroc(probs, targets, num_classes=len(self.classes))
+        self.log_dict({"val_loss": F.cross_entropy(logits, targets), "val_auc": auc,
+                       "val_acc": (probs.argmax(1) == targets).float().mean()}, prog_bar=True)
+
+    def configure_optimizers(self):
+        # Adam as in the article, with decoupled weight decay and a cosine decay of the rate.
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised so a balanced set gets all ones."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def train_loader(dataset, y: np.ndarray, config: TrainConfig, num_classes: int, *, batch_size: int,
+                 **loader_kwargs) -> DataLoader:
+    """Shuffled batches of `dataset` (labels `y`), class-balanced with `--imbalance sampler`."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.imbalance == "sampler":
+        # Each class drawn equally often; an epoch still has as many rows as the data.
+        per_row = class_weights(y, num_classes).numpy()[y]
+        sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True, generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **loader_kwargs)
+
+
+def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, *, stage: str = "",
+        max_epochs: int | None = None, callbacks: list | None = None, **trainer_kwargs) -> dict:
+    """Lightning fit with best-by-validation-AUC selection and resumption from last.ckpt.
+
+    A recipe with several fits names each `stage`: its checkpoints go to RUN/lightning/STAGE
+    and its log to RUN/logs/STAGE/metrics.csv (no stage: RUN/lightning, RUN/logs)."""
+    run = RunDir(run)
+    checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", monitor="val_auc", mode="max",
+                                  save_last=True)
+    trainer = L.Trainer(max_epochs=max_epochs or config.epochs, logger=CSVLogger(run.logs(), name=stage, version=""),
+                        callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False, log_every_n_steps=1,
+                        # No sanity check: its two batches may hold one class, where AUC is undefined.
+                        num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
+    last = run.lightning(stage) / "last.ckpt"
+    history = run.history(stage)
+    resume_from = str(last) if config.resume and last.exists() else None
+    earlier = read_history(history) if resume_from else []
+    with quiet_lightning():
+        trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
+    if earlier:
+        keep_earlier_history(history, earlier)
+    best_path = checkpoints.best_model_path
+    if best_path:
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    score = checkpoints.best_model_score
+    return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path,
+            "epochs_run": trainer.current_epoch}
+
+
+def keep_earlier_history(path: Path, earlier: list[dict]) -> None:
+    """Lightning's CSV logger starts metrics.csv afresh on resume: put back the epochs the
+    resumed run did not redo, so the curves cover the whole run."""
+    later = read_history(path)
+    first_new = min((int(row["epoch"]) for row in later if row.get("epoch")), default=None)
+    rows = [r for r in earlier if first_new is None or int(r["epoch"]) < first_new] + later
+    write_history(path, rows)

@@ -1,0 +1,118 @@
+"""Scanning folders and carving a validation split that no patient or duplicate straddles."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_folder
+
+from xferlearn.data.folders import find_layout, patient_id, save_split, scan, split_validation
+from xferlearn.errors import XferlearnError
+from xferlearn.data.images import DecodeCache
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return DecodeCache(tmp_path / "cache", 32)
+
+
+@pytest.mark.parametrize("name, patient", [
+    ("person1000_bacteria_2931.jpeg", "person1000"),
+    ("person1000_virus_1681.jpeg", "person1000"),
+    ("IM-0115-0001.jpeg", "IM-0115"),
+    ("NORMAL2-IM-1104-0001.jpeg", "NORMAL2-IM-1104"),
+    ("scan_0001.png", None),
+])
+def test_patient_ids_from_kaggle_names(name, patient):
+    assert patient_id(name) == patient
+
+
+def test_scan_lists_classes_and_reports_unreadable_files(image_folder, cache):
+    (image_folder / "NORMAL" / "notes.txt").write_text("not an image")
+    (image_folder / "PNEUMONIA" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    manifest = scan(image_folder, cache)
+    assert manifest.classes == ["NORMAL", "PNEUMONIA"]
+    assert manifest.counts() == {"NORMAL": 14, "PNEUMONIA": 14}
+    reasons = dict(manifest.unreadable)
+    assert set(reasons) == {str(image_folder / "NORMAL" / "notes.txt"), str(image_folder / "PNEUMONIA" / "broken.jpeg")}
+    assert all(reasons.values())
+
+
+def test_duplicates_are_kept_once_and_conflicts_dropped(image_folder, cache):
+    normal = sorted((image_folder / "NORMAL").iterdir())
+    shutil.copy(normal[0], image_folder / "NORMAL" / "copy.jpeg")
+    shutil.copy(normal[1], image_folder / "PNEUMONIA" / "mislabelled.jpeg")
+    manifest = scan(image_folder, cache)
+    assert [d for d, _ in manifest.duplicates] == [str(image_folder / "NORMAL" / "copy.jpeg"),
+                                                   str(image_folder / "PNEUMONIA" / "mislabelled.jpeg")]
+    assert manifest.counts() == {"NORMAL": 13, "PNEUMONIA": 14}  # the image under both classes is out
+    assert any("another class" in reason for _, reason in manifest.unreadable)
+    assert len(scan(image_folder, cache, dedupe=False).samples) == 30  # evaluation counts every file
+
+
+def test_split_is_stratified_and_patient_disjoint(tmp_path, cache):
+    data = make_folder(tmp_path / "d", per_class=40)
+    manifest = scan(data, cache)
+    train_idx, val_idx, how = split_validation(manifest, 0.25, seed=3)
+    assert len(set(train_idx) & set(val_idx)) == 0 and len(train_idx) + len(val_idx) == 80
+    patients = lambda idx: {manifest.samples[i].patient for i in idx}  # noqa: E731
+    assert not patients(train_idx) & patients(val_idx)
+    val_labels = manifest.labels[val_idx]
+    assert 0.3 < val_labels.mean() < 0.7 and 15 <= len(val_idx) <= 25
+    assert "patient" in how
+    again = split_validation(manifest, 0.25, seed=3)
+    assert np.array_equal(again[1], val_idx)  # seeded: the same split every time
+
+
+def test_split_without_patient_names_is_plain_stratified(tmp_path, cache):
+    manifest = scan(make_folder(tmp_path / "d", per_class=20, patients=False), cache)
+    _, val_idx, how = split_validation(manifest, 0.2)
+    assert np.bincount(manifest.labels[val_idx]).tolist() == [4, 4]
+    assert "0 of 40 files carry a patient id" in how
+
+
+def test_split_is_saved(tmp_path, image_folder, cache):
+    manifest = scan(image_folder, cache)
+    train_idx, val_idx, how = split_validation(manifest, 0.25)
+    save_split(tmp_path / "split.json", manifest, train_idx, val_idx, how)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert len(saved["train"]) == len(train_idx) and len(saved["val"]) == len(val_idx)
+    assert {"path", "label", "digest", "patient"} <= set(saved["val"][0])
+
+
+def test_kaggle_root_pools_val_and_checks_test(tmp_path):
+    root = tmp_path / "kaggle"
+    make_folder(root / "train")
+    make_folder(root / "val", per_class=2)
+    make_folder(root / "test", per_class=3)
+    layout = find_layout(root)
+    assert layout.train_roots == [root / "train", root / "val"] and layout.test_root == root / "test"
+    shutil.rmtree(root / "test" / "NORMAL")
+    (root / "test" / "COVID").mkdir()
+    with pytest.raises(XferlearnError, match="missing: \\['NORMAL'\\].*unknown: \\['COVID'\\]"):
+        find_layout(root)
+
+
+def test_empty_and_single_class_folders_are_refused(tmp_path, cache):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(XferlearnError, match="no class folders"):
+        find_layout(tmp_path / "empty")
+    make_folder(tmp_path / "one", classes=("NORMAL",))
+    with pytest.raises(XferlearnError, match="single class"):
+        find_layout(tmp_path / "one")
+    with pytest.raises(XferlearnError, match="does not exist"):
+        find_layout(tmp_path / "nowhere")
+
+
+def test_class_without_readable_images_is_refused(image_folder, cache):
+    (image_folder / "EXTRA").mkdir()
+    (image_folder / "EXTRA" / "x.jpeg").write_bytes(b"nope")
+    with pytest.raises(XferlearnError, match="No readable images for class.*EXTRA"):
+        scan(image_folder, cache)
+
+
+def test_too_few_images_to_split(tmp_path, cache):
+    manifest = scan(make_folder(tmp_path / "d", per_class=3), cache)
+    with pytest.raises(XferlearnError, match="Too few images"):
+        split_validation(manifest, 0.2)

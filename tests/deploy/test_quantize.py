@@ -1,0 +1,118 @@
+"""int8 ONNX export: kept only where validation AUC holds, its own validation threshold, refused
+cleanly otherwise; `predict --engine onnx-int8`; ONNX engines follow the export's TTA."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import link_real_slice
+
+import xferlearn
+from xferlearn.models.checkpoint import load_checkpoint, save_checkpoint
+from xferlearn.cli import main
+from xferlearn.errors import XferlearnError
+from xferlearn.deploy.export import export
+from xferlearn.deploy.onnx_runtime import OnnxPredictor
+from xferlearn.deploy.predict import load_onnx
+
+
+@pytest.fixture(scope="module")
+def int8_run(tiny_run, tmp_path_factory):
+    run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("int8") / "run")
+    export(run, "onnx-int8")
+    return run
+
+
+def test_int8_export_records_its_validation_check_and_threshold(int8_run):
+    card = json.loads((int8_run / "export" / "model.json").read_text())
+    assert card["files"] == {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+    int8, split = card["int8"], json.loads((int8_run / "split.json").read_text())
+    check = int8["validation"]
+    assert check["images"] == len(split["val"])
+    assert abs(check["auc_difference"]) <= check["auc_tolerance"] == 0.002
+    assert check["auc_difference"] == pytest.approx(check["int8"]["auc"] - check["fp32"]["auc"])
+    assert check["fp32"]["threshold"] == card["threshold"] == load_checkpoint(int8_run).threshold
+    assert 0 <= int8["threshold"] <= 1 and "through the int8 model" in int8["threshold_source"]
+    assert "training split" in int8["calibration"] and 0.5 <= check["same_decision"] <= 1
+
+
+def test_int8_model_is_quantised_and_close_to_fp32(int8_run, tiny_data):
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(int8_run / "export" / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    fp32, int8 = load_onnx(int8_run), load_onnx(int8_run, int8=True)
+    assert int8.threshold == json.loads((int8_run / "export" / "model.json").read_text())["int8"]["threshold"]
+    files = sorted(tiny_data.rglob("*.jpeg"))
+    batch = torch.from_numpy(np.stack([fp32.decode(f) for f in files])).permute(0, 3, 1, 2)
+    p32, p8 = fp32.probabilities(batch), int8.probabilities(batch)
+    assert np.allclose(p8.sum(axis=1), 1, atol=1e-5)
+    assert np.corrcoef(p32[:, 1], p8[:, 1])[0, 1] > 0.9
+
+
+def test_predict_engine_onnx_int8_quantises_on_first_use(tiny_run, tiny_data, tmp_path, capsys):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    assert main(["predict", str(run), str(tiny_data), "--engine", "onnx-int8", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    card = json.loads((run / "export" / "model.json").read_text())
+    assert len(rows) == len(list(tiny_data.rglob("*.jpeg")))
+    assert {row["threshold"] for row in rows} == {card["int8"]["threshold"]}
+    assert all(row["error"] is None and row["class"] in ("NORMAL", "PNEUMONIA") for row in rows)
+
+
+def test_int8_needs_the_runs_split(tiny_run, tmp_path, capsys):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "split.json").unlink()
+    assert main(["export", str(run), "--format", "onnx-int8"]) == 2
+    assert "split.json" in capsys.readouterr().err
+
+
+def test_retraining_drops_a_stale_int8_model(int8_run, tmp_path):
+    run = shutil.copytree(int8_run, tmp_path / "run")
+    checkpoint = load_checkpoint(run)
+    checkpoint.temperature = 2.0
+    save_checkpoint(checkpoint, run / "model.pt")
+    export(run, "onnx")
+    assert not (run / "export" / "model.int8.onnx").exists()
+    assert "int8" not in json.loads((run / "export" / "model.json").read_text())
+
+
+def test_onnx_applies_tta_when_the_threshold_was_chosen_with_it(tiny_run, tiny_data, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    checkpoint = load_checkpoint(run)
+    checkpoint.tta = True
+    save_checkpoint(checkpoint, run / "model.pt")
+    onnx_model, torch_model = load_onnx(run), xferlearn.load(run, device="cpu")
+    card = json.loads((run / "export" / "model.json").read_text())
+    assert onnx_model.tta and card["tta"]["on"] and len(card["tta"]["views"]) == 5
+    files = sorted(tiny_data.rglob("*.jpeg"))[:6]
+    batch = torch.from_numpy(np.stack([onnx_model.decode(f) for f in files])).permute(0, 3, 1, 2)
+    with_tta = onnx_model.probabilities(batch)
+    assert np.abs(with_tta - torch_model.probabilities(batch)).max() < 1e-4
+    onnx_model.tta = False
+    plain = onnx_model.probabilities(batch)  # the tiny model is saturated: compare the small side in logs
+    assert np.abs(np.log(with_tta.min(axis=1) + 1e-30) - np.log(plain.min(axis=1) + 1e-30)).max() > 0.1
+
+
+@pytest.mark.data
+def test_int8_refused_when_calibration_ranges_are_wrong(shared_data, tmp_path):
+    """Activation ranges measured on black images clip real X-rays: the validation check must
+    catch it and keep nothing. (On the tiny synthetic runs even that keeps the ranking.)"""
+    data = link_real_slice(shared_data, tmp_path / "data", 60)
+    run = xferlearn.train(data=str(data), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
+                          epochs=3, views=0, cache_dir=str(tmp_path / "cache")).run_dir
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(8):
+        Image.new("RGB", (224, 224)).save(black / f"{i}.png")
+    with pytest.raises(XferlearnError, match="moved validation AUC by .* it was not kept"):
+        export(run, "onnx-int8", calibration=black)
+    assert not (run / "export" / "model.int8.onnx").exists()
+    assert "int8" not in json.loads((run / "export" / "model.json").read_text())
+    assert not list((run / "export").glob(".int8-*"))  # no staging left behind
+    with pytest.raises(XferlearnError, match="needs model.int8.onnx"):
+        OnnxPredictor(run / "export", int8=True)

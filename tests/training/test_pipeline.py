@@ -1,0 +1,223 @@
+"""Train -> checkpoint -> predict -> evaluate on tiny models and synthetic images, through API and CLI."""
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_folder
+
+import xferlearn
+from xferlearn.models.checkpoint import load_checkpoint, save_checkpoint
+from xferlearn.cli import main
+from xferlearn.config import TrainConfig
+from xferlearn.errors import XferlearnError
+
+
+def test_run_folder_holds_everything(tiny_run):
+    for name in ("model.pt", "config.json", "split.json", "validation_metrics.json", "logs/metrics.csv",
+                 "lightning/last.ckpt"):
+        assert (tiny_run / name).exists(), name
+    config = TrainConfig.load(tiny_run / "config.json")
+    assert config.backbone == TINY["backbone"] and config.epochs == TINY["epochs"]
+
+
+def test_checkpoint_describes_itself(tiny_run):
+    ckpt = load_checkpoint(tiny_run)
+    assert ckpt.arch == "resnet18" and ckpt.weights == "none"
+    assert ckpt.classes == ["NORMAL", "PNEUMONIA"] and ckpt.positive_class == "PNEUMONIA"
+    assert 0.0 <= ckpt.threshold <= 1.0 and "validation split" in ckpt.threshold_source
+    assert ckpt.preprocessing.input_size == 64 and ckpt.temperature > 0
+    assert {"auc", "accuracy", "sensitivity", "specificity"} <= set(ckpt.metrics)
+    assert {"xferlearn", "torch", "timm"} <= set(ckpt.versions)
+    assert ckpt.config["recipe"] == "linear"
+    raw = torch.load(tiny_run / "model.pt", weights_only=True)  # plain data only: safe to open
+    assert raw["format"] == "xferlearn-checkpoint"
+
+
+def test_head_learns_the_synthetic_task(tiny_run):
+    assert load_checkpoint(tiny_run).metrics["auc"] >= 0.9
+
+
+def test_predict_api_matches_across_inputs(tiny_run, tiny_data):
+    model = xferlearn.load(tiny_run)
+    path = sorted((tiny_data / "PNEUMONIA").iterdir())[0]
+    by_path = model.predict(str(path))
+    by_bytes = model.predict([path.read_bytes()])[0]
+    assert by_path["class"] in model.classes
+    assert by_path["probabilities"] == pytest.approx(by_bytes["probabilities"], abs=1e-6)
+    assert sum(by_path["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert by_path["threshold"] == model.threshold
+
+
+def test_predict_cli_csv_goes_past_unreadable_files(tiny_run, tiny_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"not a jpeg")
+    assert main(["predict", str(tiny_run), str(tiny_data / "NORMAL"), str(bad)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 17 and rows[-1]["file"] == str(bad) and rows[-1]["error"] and not rows[-1]["class"]
+    good = rows[:-1]
+    assert all(r["class"] in ("NORMAL", "PNEUMONIA") and r["threshold"] for r in good)
+    assert sum(r["class"] == "NORMAL" for r in good) >= 14  # the synthetic task is easy
+
+
+def test_predict_cli_json(tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["predict", str(tiny_run), str(tiny_data), "--format", "json", "-o", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 32 and set(rows[0]) == {"file", "class", "probabilities", "threshold", "error"}
+
+
+def test_evaluate_writes_report(tiny_run, tiny_data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_run), str(tiny_data), "--out", str(out), "--json", "--bootstrap", "200"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "auc", "sensitivity", "specificity", "threshold", "threshold_source",
+                "confusion_matrix", "n", "classes"):
+        assert key in saved and key in printed
+    assert saved["n"] == 32 and saved["threshold"] == load_checkpoint(tiny_run).threshold
+    assert np.array(saved["confusion_matrix"]).sum() == 32
+    for name in ("report.md", "roc.png", "confusion_matrix.png", "training_curves.png"):
+        assert (out / name).exists(), name
+    assert "validation split" in (out / "report.md").read_text()
+
+
+def test_evaluate_refuses_other_classes(tiny_run, tmp_path):
+    data = make_folder(tmp_path / "other", classes=("CAT", "DOG"), per_class=2)
+    with pytest.raises(XferlearnError, match="missing"):
+        xferlearn.evaluate(tiny_run, data)
+
+
+def test_existing_run_is_not_overwritten(tiny_run, tiny_data):
+    with pytest.raises(XferlearnError, match="already holds a trained model"):
+        xferlearn.train(data=str(tiny_data), out=str(tiny_run), **TINY)
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path, image_folder):
+    run = tmp_path / "run"
+    xferlearn.train(data=str(image_folder), out=str(run), **{**TINY, "epochs": 1})
+    epochs_logged = lambda: len({row["epoch"] for row in csv.DictReader(open(run / "logs" / "metrics.csv"))})  # noqa
+    assert epochs_logged() == 1
+    xferlearn.train(data=str(image_folder), out=str(run), resume=True, **{**TINY, "epochs": 3})
+    assert epochs_logged() == 3  # epochs 1 and 2 were added, epoch 0 was not redone
+
+
+@pytest.mark.parametrize("imbalance", ["none", "weights", "sampler"])
+def test_imbalance_options_train(tmp_path, imbalance):
+    data = make_folder(tmp_path / "d", per_class=12)
+    for extra in sorted((data / "NORMAL").iterdir())[:6]:  # make it imbalanced
+        extra.unlink()
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), imbalance=imbalance, **TINY)
+    assert result.metrics["n"] > 0 and load_checkpoint(result.run_dir).config["imbalance"] == imbalance
+
+
+def test_feature_cache_is_reused(tmp_path, image_folder, monkeypatch):
+    import xferlearn.models.features as features
+
+    xferlearn.train(data=str(image_folder), out=str(tmp_path / "a"), **{**TINY, "views": 1})
+    calls = []
+    original = features.FeatureExtractor.__call__
+    monkeypatch.setattr(features.FeatureExtractor, "__call__", lambda self, b: calls.append(len(b)) or original(self, b))
+    xferlearn.train(data=str(image_folder), out=str(tmp_path / "b"), **{**TINY, "views": 1})
+    assert calls == []  # every (image, view) came from the cache
+    xferlearn.train(data=str(image_folder), out=str(tmp_path / "c"), **{**TINY, "views": 1, "seed": 1})
+    assert sum(calls) > 0  # another seed: other augmented views, computed afresh
+
+
+def test_multiclass_run(tmp_path):
+    data = make_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=10, patients=False)
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **TINY)
+    ckpt = load_checkpoint(result.run_dir)
+    assert ckpt.threshold is None and ckpt.positive_index is None and "argmax" in ckpt.threshold_source
+    rows = xferlearn.load(result.run_dir).predict([str(p) for p in sorted((data / "c").iterdir())[:2]])
+    assert all(set(r["probabilities"]) == {"a", "b", "c"} for r in rows)
+
+
+def test_foreign_checkpoints_are_refused(tmp_path, tiny_run):
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"state_dict": {}}, tmp_path / "plain.pt")
+    torch.save({"format": "xferlearn-checkpoint", "fn": print}, tmp_path / "evil.pt")  # needs pickled code
+    for name in ("text.pt", "plain.pt", "evil.pt", "missing.pt"):
+        with pytest.raises(XferlearnError, match="not an xferlearn checkpoint|No checkpoint"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_checkpoint_write_is_atomic_on_full_disk(tmp_path, tiny_run, monkeypatch):
+    import errno
+
+    import xferlearn._io as images
+
+    target = tmp_path / "model.pt"
+    shutil.copy(tiny_run / "model.pt", target)
+    before = target.read_bytes()
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images.os, "write", full_disk)
+    monkeypatch.setattr(images.os, "fdopen", lambda fd, mode: _FailingFile(fd))
+    with pytest.raises(XferlearnError, match="Disk full"):
+        save_checkpoint(load_checkpoint(tiny_run), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+
+
+class _FailingFile:
+    def __init__(self, fd):
+        import os
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "{data}", "--backbone", "resnet5O"], "Unknown backbone|not a known|resnet50"),
+    (["train", "{data}", "--recipe", "magic"], "--recipe must be one of"),
+    (["train", "{data}", "--val-fraction", "0.9"], "--val-fraction"),
+    (["train", "{empty}"], "no class folders"),
+    (["train", "{data}", "--weights", "/no/such/file.pth", "--backbone", "resnet18"], "/no/such/file.pth"),
+    (["predict", "{empty}", "x.jpeg"], "No checkpoint"),
+    (["evaluate", "{empty}", "{data}"], "No checkpoint"),
+])
+def test_cli_errors_are_one_line(argv, message, tmp_path, image_folder, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(data=image_folder, empty=tmp_path / "empty") for a in argv]
+    assert main(argv + ["--out", str(tmp_path / "r")] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xferlearn: error:") and len(err.splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+
+
+def test_cli_and_package_import_lazily():
+    """`xferlearn --help` must not wait for Lightning, timm, scikit-learn or torch; the public
+    names stay functions even after their submodules are imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, xferlearn.cli; xferlearn.cli.build_parser(); "
+             "print(sorted(m for m in ('lightning', 'timm', 'sklearn', 'torch') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    import xferlearn.deploy.export
+    import xferlearn.evaluation.evaluate
+    import xferlearn.evaluation.explain
+    import xferlearn.training.pipeline
+
+    for name in ("train", "evaluate", "load", "predict", "explain", "export", "serve"):
+        assert callable(getattr(xferlearn, name)) and not isinstance(getattr(xferlearn, name), type(xferlearn)), name
+    assert set(xferlearn.__all__) <= set(dir(xferlearn))
+    with pytest.raises(AttributeError):
+        xferlearn.no_such_thing
