@@ -407,8 +407,8 @@ def benchmark(args, source: Path, work: Path) -> int:
                       (start_load, load_average()))
     print("\n" + report, flush=True)
     if args.out:
-        from xferlearn.data.images import atomic_write_bytes
-        atomic_write_bytes(Path(args.out), report.encode())
+        from xferlearn._io import atomic_write
+        atomic_write(Path(args.out), report)
         print(f"speed: written to {args.out}")
     if args.workdir:
         print(f"speed: runs, caches and CSVs kept in {work}")

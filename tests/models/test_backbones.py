@@ -190,3 +190,20 @@ def test_preprocessing_round_trips_through_a_dict():
 def test_create_empty_rejects_an_unknown_architecture():
     with pytest.raises(XferlearnError, match="unknown to timm"):
         create_empty("no_such_net", 2)
+
+
+def test_fixed_input_model_trained_at_another_size_reloads(tmp_path):
+    """A checkpoint remembers --image-size, so a fixed-input network (a ViT) built for 64 px
+    reloads with the same position embeddings instead of failing on a shape mismatch."""
+    from xferlearn.data.images import Preprocessing
+    from xferlearn.models.checkpoint import Checkpoint, OperatingPoint, load_checkpoint, save_checkpoint
+
+    model = create_empty("vit_tiny_patch16_224", 2, image_size=64)
+    checkpoint = Checkpoint(arch="vit_tiny_patch16_224", backbone="vit_tiny_patch16_224", weights="none",
+                            preprocessing=Preprocessing(64, (0.5,) * 3, (0.5,) * 3, "bicubic"),
+                            classes=["a", "b"], positive_index=1, operating_point=OperatingPoint("youden", 0.5),
+                            state_dict=model.state_dict(), image_size=64)
+    save_checkpoint(checkpoint, tmp_path / "model.pt")
+    rebuilt = load_checkpoint(tmp_path).build_model()
+    assert rebuilt.pos_embed.shape == model.pos_embed.shape
+    assert create_empty("vit_tiny_patch16_224", 2).pos_embed.shape != model.pos_embed.shape

@@ -55,6 +55,11 @@ def test_compile_auto_waits_for_enough_images(monkeypatch):
         should_compile("sometimes", 1)
 
 
-def test_precision_auto_is_fp32_or_bf16():
-    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    import xferlearn.models.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"

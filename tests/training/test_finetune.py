@@ -44,8 +44,10 @@ def test_finetune_learns_and_records_its_stages(finetuned):
     assert metrics["auc"] >= 0.9  # the synthetic task is easy; chance is 0.5
     stages = metrics["selection"]["stages"]
     assert [s["stage"] for s in stages] == ["head", "stage1", "stage2"]
-    assert all(s["val_auc"] is not None and s["val_auc"] >= 0.5 for s in stages)
-    assert metrics["selection"]["chosen_stage"] in {"head", "stage1", "stage2"}
+    assert all(s["val_auc"] is not None and s["val_auc"] >= 0.9 for s in stages)  # each stage kept learning
+    best = max(stages, key=lambda s: s["val_auc"])["val_auc"]
+    chosen = metrics["selection"]["chosen_stage"]
+    assert next(s for s in stages if s["stage"] == chosen)["val_auc"] == best  # the best stage is the one kept
     ckpt = load_checkpoint(finetuned.run_dir)
     assert ckpt.config["recipe"] == "finetune" and ckpt.config["augment"] == "xray"
     assert ckpt.tta and "test-time-augmentation" in ckpt.threshold_source

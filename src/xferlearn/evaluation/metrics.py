@@ -251,13 +251,18 @@ def _labels(y_true) -> np.ndarray:
     return y
 
 
+def _matrix(values, n: int, what: str) -> np.ndarray:
+    """An (n, C) float array of the model's `what` (probabilities or logits), finite."""
+    m = np.asarray(values, dtype=float)
+    if m.ndim != 2 or m.shape[0] != n:
+        raise ValueError(f"{what} must have shape ({n}, C), got {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise XferlearnError(f"the model produced non-finite {what} (NaN or inf)")
+    return m
+
+
 def _probs(probs, n: int) -> np.ndarray:
-    p = np.asarray(probs, dtype=float)
-    if p.ndim != 2 or p.shape[0] != n:
-        raise ValueError(f"probs must have shape ({n}, C), got {p.shape}")
-    if not np.all(np.isfinite(p)):
-        raise XferlearnError("the model produced non-finite probabilities (NaN or inf)")
-    return p
+    return _matrix(probs, n, "probabilities")
 
 
 def _labels_and_probs(y_true, probs, classes) -> tuple[np.ndarray, np.ndarray]:
@@ -284,12 +289,7 @@ def _scores(p_pos, n: int) -> np.ndarray:
 
 
 def _logits(logits, n: int) -> np.ndarray:
-    z = np.asarray(logits, dtype=float)
-    if z.ndim != 2 or z.shape[0] != n:
-        raise ValueError(f"logits must have shape ({n}, C), got {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise XferlearnError("the model produced non-finite logits (NaN or inf)")
-    return z
+    return _matrix(logits, n, "logits")
 
 
 def _auc(is_pos: np.ndarray, scores: np.ndarray) -> float | None:

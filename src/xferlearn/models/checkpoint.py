@@ -39,7 +39,7 @@ def library_versions() -> dict[str, str]:
 
 THRESHOLD_RULES = {"youden": "Youden's J (max sensitivity + specificity - 1)",
                    "target_sensitivity": "the highest threshold with sensitivity >= {target}",
-                   "argmax": "argmax (multi-class): the class with the highest probability"}
+                   "argmax": "argmax (multi-class)"}
 
 
 @dataclass(frozen=True)
