@@ -125,7 +125,8 @@ def timed(command: list[str], env: dict | None = None) -> float:
 
 def keras_reference(data: Path, images: int, steps: int, warmup: int, work: Path) -> dict:
     result_file = work / "keras.json"
-    command = [sys.executable, str(HERE / "keras_reference.py"), str(data), "--steps", str(steps),
+    # KERAS_PYTHON: a Python with tensorflow-cpu, where TensorFlow must not share an environment with torch.
+    command = [os.environ.get("KERAS_PYTHON", sys.executable), str(HERE / "keras_reference.py"), str(data), "--steps", str(steps),
                "--warmup", str(warmup), "--images", str(images), "--json", str(result_file)]
     seconds = timed(command)
     result = json.loads(result_file.read_text())
