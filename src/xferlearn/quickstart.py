@@ -70,8 +70,7 @@ def demo(out: str | Path = DEFAULT_OUT, *, force: bool = False, console: Console
     run = prepare_out(out, force)
     config = TrainConfig(data=str(sample / "train"), out=str(run.root), **options)
 
-    console.rule(f"[bold]Step 1/{STEPS}: train[/] the {config.recipe} recipe on {config.backbone}, "
-                 f"on the sample's train/ part ({sample / 'train'})")
+    console.rule(f"[bold]Step 1/{STEPS}: train[/] ({config.recipe}, {config.backbone}) on the sample's train/ part")
     train(config)
     console.rule(f"[bold]Step 2/{STEPS}: evaluate[/] on the sample's test/ part (other patients)")
     with console.status("Predicting the test images, bootstrapping intervals, writing report.md..."):
