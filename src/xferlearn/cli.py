@@ -217,8 +217,8 @@ def add_demo(commands) -> None:
                                               "train, evaluate, explain (no data of your own needed)",
                                  description="Train the default recipe on the packaged sample's train/ part (140 "
                                              "X-rays), evaluate on its test/ part (60, other patients), explain one "
-                                             "image, and print the commands to try next. Offline; about a minute "
-                                             "on 2 CPU cores.")
+                                             "image, and print the commands to try next. Runs offline, "
+                                             "with nothing of your own.")
     parser.add_argument("--out", default="xferlearn-demo",
                         help="the run folder to write (default: xferlearn-demo in the current folder)")
     parser.add_argument("--force", action="store_true",
