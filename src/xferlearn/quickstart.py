@@ -67,8 +67,8 @@ def demo(out: str | Path = DEFAULT_OUT, *, force: bool = False, console: Console
     console = console or Console(stderr=True)
     started = time.perf_counter()
     sample = chest_xray_sample()
-    run = prepare_out(out, force)
-    config = TrainConfig(data=str(sample / "train"), out=str(run.root), **options)
+    config = TrainConfig(data=str(sample / "train"), out=str(out), **options)  # checked before --force deletes
+    run = prepare_out(config.out, force)
 
     console.rule(f"[bold]Step 1/{STEPS}: train[/] ({config.recipe}, {config.backbone}) on the sample's train/ part")
     train(config)
