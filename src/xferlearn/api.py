@@ -7,6 +7,7 @@
     model.evaluate("chest_xray/test")                               # = xferlearn.evaluate("runs/cxr", ...)
     model.explain("a.jpeg")                                         # Grad-CAM
     model.export("onnx")                                            # = xferlearn.export("runs/cxr", "onnx")
+    xferlearn.demo()             # the whole job on the packaged chest X-ray sample (xferlearn.datasets)
 
 In the spirit of fastai's `Learner` and Keras' `Model`: what a run can do is a method of
 the loaded model and a function of the package. Each function imports its stage on first
@@ -95,3 +96,12 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, **options)
     from .deploy.serve import serve as run_service
 
     run_service(run, host=host, port=port, **options)
+
+
+def demo(out: str | Path = "xferlearn-demo", *, force: bool = False, **options):
+    """Train, evaluate and explain on the packaged chest X-ray sample, leaving a run in `out`
+    (refused where `out` holds a model, unless `force`); `options` are TrainConfig's fields.
+    Prints the figures and the commands to try next; returns a DemoResult."""
+    from .quickstart import demo as run_demo
+
+    return run_demo(out, force=force, **options)

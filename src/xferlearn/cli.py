@@ -212,7 +212,28 @@ def run_export(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export]
+def add_demo(commands) -> None:
+    parser = commands.add_parser("demo", help="the whole job on a chest X-ray sample that ships with xferlearn: "
+                                              "train, evaluate, explain (no data of your own needed)",
+                                 description="Train the default recipe on the packaged sample's train/ part (140 "
+                                             "X-rays), evaluate on its test/ part (60, other patients), explain one "
+                                             "image, and print the commands to try next. Runs offline, "
+                                             "with nothing of your own.")
+    parser.add_argument("--out", default="xferlearn-demo",
+                        help="the run folder to write (default: xferlearn-demo in the current folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier run in --out (default: refuse where --out holds a model)")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from .quickstart import demo
+
+    demo(args.out, force=args.force)
+    return 0
+
+
+COMMANDS = [add_demo, add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@
     RUN/export/                      ONNX / TorchScript exports and their model.json
     RUN/metrics.json, report.md, *.png, gallery/   the latest `evaluate`
     RUN/stress/                      the latest `stress` test
+    RUN/explanations/                Grad-CAM PNGs that `xferlearn demo` writes
 
 Every command finds its files through `RunDir`; none spells a file name itself.
 """
@@ -65,6 +66,10 @@ class RunDir:
     @property
     def stress(self) -> Path:
         return self.root / "stress"
+
+    @property
+    def explanations(self) -> Path:
+        return self.root / "explanations"
 
     def history(self, stage: str = "") -> Path:
         return self.root / "logs" / stage / "metrics.csv"

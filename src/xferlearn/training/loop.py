@@ -122,15 +122,17 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     run = RunDir(run)
     checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", monitor="val_auc", mode="max",
                                   save_last=True)
-    trainer = L.Trainer(max_epochs=max_epochs or config.epochs, logger=CSVLogger(run.logs(), name=stage, version=""),
-                        callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False, log_every_n_steps=1,
-                        # No sanity check: its two batches may hold one class, where AUC is undefined.
-                        num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
     last = run.lightning(stage) / "last.ckpt"
     history = run.history(stage)
     resume_from = str(last) if config.resume and last.exists() else None
     earlier = read_history(history) if resume_from else []
-    with quiet_lightning():
+    with quiet_lightning():  # the Trainer's construction chatters too (accelerators found, tips)
+        trainer = L.Trainer(max_epochs=max_epochs or config.epochs,
+                            logger=CSVLogger(run.logs(), name=stage, version=""),
+                            callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False,
+                            log_every_n_steps=1,
+                            # No sanity check: its two batches may hold one class, where AUC is undefined.
+                            num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
         trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
     if earlier:
         keep_earlier_history(history, earlier)
