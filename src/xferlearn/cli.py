@@ -155,6 +155,10 @@ def add_serve(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free one)")
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default: 20)")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="what computes the probabilities: torch (default), onnx (ONNX Runtime fp32) or "
+                             "onnx-int8 (its int8 quantisation, with its own validation threshold); ONNX engines "
+                             "export (and quantise) RUN on first use, as predict does")
     parser.set_defaults(func=run_serve)
 
 
@@ -163,7 +167,8 @@ def run_serve(args) -> int:
 
     if not args.max_upload_mb > 0:
         raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
-    serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+          engine=args.engine)
     return 0
 
 
