@@ -50,6 +50,7 @@ from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.predictor import BasePredictor, Predictor, load_predictor
 from ..rundir import checkpoint_path
 from .batching import BatchingRunner, decode_slots
+from .predict import resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def _validation_message(errors) -> str:
 
 # --- the app --------------------------------------------------------------------------
 def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-               max_pixels: int = DEFAULT_MAX_PIXELS, engine: str = "torch") -> FastAPI:
+               max_pixels: int = DEFAULT_MAX_PIXELS, engine: str = "auto") -> FastAPI:
     """A FastAPI app serving one trained run (a run folder, checkpoint file or loaded Predictor)
     on `engine` (config.ENGINES; a loaded Predictor is PyTorch's)."""
     if max_upload_bytes < 1 or max_pixels < 1:
@@ -271,15 +272,16 @@ def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int =
         raise XferlearnError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
     run = None
     if isinstance(run_or_predictor, Predictor):
-        if engine != "torch":
+        if engine not in ("auto", "torch"):
             raise XferlearnError("a loaded Predictor runs on PyTorch; serve the run folder to use an ONNX engine.")
         predictor, checkpoint, identity = run_or_predictor, run_or_predictor.checkpoint, model_id(run_or_predictor)
-    elif engine == "torch":
+        engine = "torch"
+    elif (engine := resolve_engine(run_or_predictor, engine)) == "torch":
         run = run_or_predictor
         predictor = load_predictor(run)
         checkpoint, identity = predictor.checkpoint, model_id(predictor, run)
     else:
-        from .predict import load_engine  # ONNX Runtime, exported (and quantised) on first use
+        from .predict import load_engine  # ONNX Runtime (and scikit-learn to quantise) only where asked
 
         run = run_or_predictor
         predictor, checkpoint = load_engine(run, engine), load_checkpoint(run)
@@ -364,13 +366,13 @@ def _url(sock: socket.socket) -> str:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD, engine: str = "torch") -> None:
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD, engine: str = "auto") -> None:
     """Serve a run over HTTP until interrupted."""
     import uvicorn
 
     app = create_app(run, max_upload_bytes, engine=engine)
     sock = _listen(host, port)
-    print(f"xferlearn: serving {app.state.service.model_id} on {engine} at {_url(sock)}/ "
+    print(f"xferlearn: serving {app.state.service.model_id} on {app.state.service.engine} at {_url(sock)}/ "
           "(upload page at /, API docs at /docs); Ctrl+C stops.", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 
