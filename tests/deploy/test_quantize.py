@@ -84,6 +84,20 @@ def test_default_engine_is_int8_once_its_export_exists_and_torch_before(int8_run
     assert load_engine(stale).engine == "torch"
 
 
+def test_predict_on_a_current_onnx_export_never_imports_torch(int8_run, tiny_data, tmp_path):
+    """torch's import is about 2 s of a 5000-image int8 prediction's 10-20 s: the ONNX path must not pay it."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from xferlearn.cli import main; "
+              f"code = main(['predict', {str(int8_run)!r}, {str(tiny_data)!r}, '--output', {str(tmp_path / 'p.csv')!r}]); "
+              "print('torch' in sys.modules, 'onnxruntime' in sys.modules, code)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True", "0"], done.stderr[-2000:]
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(list(tiny_data.rglob("*.jpeg")))
+
+
 def test_int8_needs_the_runs_split(tiny_run, tmp_path, capsys):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "split.json").unlink()

@@ -19,12 +19,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from .._io import file_sha256
 from ..config import ENGINES
 from ..errors import XferlearnError
 from ..rundir import checkpoint_path
-from .export import ensure_onnx
-from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_dir, read_sidecar
+from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_current, export_dir, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,11 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -
     run = Path(run)
     if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
         return OnnxPredictor(run, threads, int8=int8)
-    folder = ensure_onnx(run)
+    folder = export_dir(run)
+    if not export_current(folder, checkpoint_path(run), "onnx-int8" if int8 else "onnx"):
+        from .export import ensure_onnx  # torch: only when there is something to export
+
+        folder = ensure_onnx(run)
     if int8 and ("int8" not in read_sidecar(folder / SIDECAR) or not (folder / INT8_FILE).is_file()):
         from .quantize import export_int8  # here: it brings scikit-learn, which plain ONNX prediction never needs
 
@@ -50,12 +52,7 @@ def int8_ready(run: str | Path) -> bool:
     run = Path(run)
     if run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists():
         return "int8" in read_sidecar(run / SIDECAR) and (run / INT8_FILE).is_file()
-    checkpoint = checkpoint_path(run)
-    if not checkpoint.is_file():
-        return False
-    folder = export_dir(run)
-    card = read_sidecar(folder / SIDECAR)
-    return "int8" in card and (folder / INT8_FILE).is_file() and card.get("checkpoint_sha256") == file_sha256(checkpoint)
+    return export_current(export_dir(run), checkpoint_path(run), "onnx-int8")
 
 
 def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = False) -> str:
