@@ -66,7 +66,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
     return run_evaluation(run, data, out, **options)
 
 
-def predict(run: str | Path, items, engine: str = "torch", **options) -> list[dict]:
+def predict(run: str | Path, items, engine: str = "auto", **options) -> list[dict]:
     """One row per image (paths, folders, bytes, PIL images or arrays) from a run on `engine`."""
     from .data.folders import expand_paths
     from .deploy.predict import load_engine

@@ -96,9 +96,11 @@ def add_predict(commands) -> None:
                         help="(--engine torch) auto: bf16 where the hardware computes it natively")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                         help="(--engine torch) torch.compile the network; auto: when there are enough images to repay it")
-    parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="onnx: ONNX Runtime on RUN/export/model.onnx, exported there on first use; onnx-int8: "
-                             "its int8 quantisation (fastest on CPU), kept only if validation AUC holds within 0.002")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto (default): onnx-int8 where `xferlearn export RUN --format onnx-int8` has made it "
+                             "for the current checkpoint, else torch; onnx: ONNX Runtime on RUN/export/model.onnx, "
+                             "exported there on first use; onnx-int8: its int8 quantisation (fastest on CPU, its own "
+                             "validation threshold), kept only if validation AUC holds within 0.002")
     add_operating_point_flags(parser)
     parser.set_defaults(func=run_predict)
 
@@ -111,6 +113,9 @@ def run_predict(args) -> int:
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
                             n_images=len(paths), batch_size=args.batch_size, tta=args.tta,
                             prevalence=args.prevalence)
+    if args.engine == "auto" and predictor.engine == "torch" and len(paths) >= 1000:
+        print(f"xferlearn: predicting with PyTorch; `xferlearn export {args.run} --format onnx-int8` makes the "
+              "int8 engine (checked on validation), which `predict` then uses by default.", file=sys.stderr)
     rows = predictor.iter_predict(paths, batch_size=args.batch_size)
     if args.output:
         with open(args.output, "w", newline="") as out:
@@ -155,6 +160,11 @@ def add_serve(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free one)")
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default: 20)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="what computes the probabilities: auto (default; onnx-int8 where its export exists "
+                             "for the current checkpoint, else torch), torch, onnx (ONNX Runtime fp32) or onnx-int8 "
+                             "(its int8 quantisation, with its own validation threshold); ONNX engines export (and "
+                             "quantise) RUN on first use, as predict does")
     parser.set_defaults(func=run_serve)
 
 
@@ -163,7 +173,8 @@ def run_serve(args) -> int:
 
     if not args.max_upload_mb > 0:
         raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
-    serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+          engine=args.engine)
     return 0
 
 

@@ -22,7 +22,9 @@ COMPILE_MODES = ("auto", "on", "off")
 AUGMENT_PRESETS = ("article", "xray", "none")  # defined in data/augment.py (train_transform)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
 # `--help`, the checks and the code that acts on them share one definition.
-ENGINES = ("torch", "onnx", "onnx-int8")
+# auto (predict's and serve's default): onnx-int8 where the run's export holds an int8 model that
+# passed its validation check for the current checkpoint (the fastest engine on CPU), else torch.
+ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")  # onnx-int8 is derived from onnx (deploy/quantize.py)
 # The augmentation each recipe uses unless --augment says otherwise (benchmarks/RESULTS.md has
 # the validation comparison behind the finetune choice).

@@ -64,6 +64,41 @@ def test_predict_engine_onnx_int8_quantises_on_first_use(tiny_run, tiny_data, tm
     assert all(row["error"] is None and row["class"] in ("NORMAL", "PNEUMONIA") for row in rows)
 
 
+def test_default_engine_is_int8_once_its_export_exists_and_torch_before(int8_run, tiny_data, tmp_path, capsys):
+    from xferlearn.deploy.predict import load_engine
+
+    plain = shutil.copytree(int8_run, tmp_path / "plain", ignore=shutil.ignore_patterns("export"))
+    assert load_engine(plain).engine == "torch"  # nothing quantised unasked: that needs data and time
+    assert main(["predict", str(int8_run), str(tiny_data), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    card = json.loads((int8_run / "export" / "model.json").read_text())
+    assert {row["threshold"] for row in rows} == {card["int8"]["threshold"]}
+    assert load_engine(int8_run).engine == "onnx-int8"
+    # Asking for something only PyTorch does keeps PyTorch, and its threshold.
+    assert load_engine(int8_run, precision="fp32").engine == "torch"
+    assert load_engine(int8_run, prevalence=0.3).engine == "torch"
+    # A checkpoint changed since the quantisation: the int8 model is stale, so not used.
+    stale = shutil.copytree(int8_run, tmp_path / "stale")
+    checkpoint = load_checkpoint(stale)
+    checkpoint.temperature = 2.0
+    save_checkpoint(checkpoint, stale / "model.pt")
+    assert load_engine(stale).engine == "torch"
+
+
+def test_predict_on_a_current_onnx_export_never_imports_torch(int8_run, tiny_data, tmp_path):
+    """torch's import is about 2 s of a 5000-image int8 prediction's 10-20 s: the ONNX path must not pay it."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from xferlearn.cli import main; "
+              f"code = main(['predict', {str(int8_run)!r}, {str(tiny_data)!r}, '--output', {str(tmp_path / 'p.csv')!r}]); "
+              "print('torch' in sys.modules, 'onnxruntime' in sys.modules, code)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True", "0"], done.stderr[-2000:]
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(list(tiny_data.rglob("*.jpeg")))
+
+
 def test_int8_needs_the_runs_split(tiny_run, tmp_path, capsys):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "split.json").unlink()

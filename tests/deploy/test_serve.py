@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from xferlearn.cli import main
+from xferlearn.errors import XferlearnError
 from xferlearn.models.predictor import load_predictor as load
 from xferlearn.deploy.serve import create_app, serve_in_thread
 
@@ -347,3 +348,39 @@ def test_cli_serve_refuses_a_taken_port_and_a_bad_limit(tiny_run, capsys):
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", str(tiny_run), "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb" in capsys.readouterr().err
+
+
+# --- engines ----------------------------------------------------------------------------
+def test_serve_on_onnx_int8_answers_predict_and_health_at_its_own_threshold(tiny_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    app = create_app(run, LIMIT, engine="onnx-int8")  # exports and quantises on first use, as predict does
+    card = json.loads((run / "export" / "model.json").read_text())
+    client, torch_client = TestClient(app), TestClient(create_app(run, LIMIT))
+    health = client.get("/health").json()
+    assert health["engine"] == "onnx-int8" and health["model_id"] == torch_client.get("/health").json()["model_id"]
+    model = client.get("/model").json()
+    assert model["engine"] == "onnx-int8" and model["threshold"] == pytest.approx(card["int8"]["threshold"])
+    assert model["threshold_source"] == card["int8"]["threshold_source"]
+    images = [encoded(square(level, seed=s)) for s in range(3) for level in (0, 150)]
+    with ThreadPoolExecutor(len(images)) as pool:  # concurrent requests go through the batching runner
+        served = list(pool.map(lambda d: client.post("/predict", **upload(d)), images))
+    for response, data in zip(served, images):
+        assert response.status_code == 200, response.text
+        body, reference = response.json(), torch_client.post("/predict", **upload(data)).json()
+        assert body["threshold"] == pytest.approx(card["int8"]["threshold"])
+        p8, p32 = body["probabilities"]["PNEUMONIA"], reference["probabilities"]["PNEUMONIA"]
+        assert p8 == pytest.approx(p32, abs=0.1)  # int8 rounding, on a tiny random-init model
+    # Grad-CAM needs PyTorch: the checkpoint's network is loaded for it on first request.
+    explained = client.post("/predict", params={"explain": "true"}, **upload(images[0]))
+    assert explained.status_code == 200 and base64.b64decode(explained.json()["heatmap_png_base64"]).startswith(PNG_MAGIC)
+
+
+def test_serve_refuses_an_unknown_engine_and_onnx_for_a_loaded_predictor(tiny_run, capsys):
+    with pytest.raises(SystemExit):  # argparse's choices come from config.ENGINES
+        main(["serve", str(tiny_run), "--engine", "tensorrt"])
+    with pytest.raises(XferlearnError, match="engine must be one of"):
+        create_app(tiny_run, engine="tensorrt")
+    with pytest.raises(XferlearnError, match="loaded Predictor runs on PyTorch"):
+        create_app(load(tiny_run), engine="onnx")

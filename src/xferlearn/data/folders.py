@@ -20,7 +20,6 @@ import numpy as np
 
 from .._io import content_hash, write_json
 from ..errors import XferlearnError
-from .augment import augmented, to_tensor, view_seed
 from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage
 
 # Kaggle chest X-ray names: personN_bacteria_M / personN_virus_M, IM-XXXX-000Y, NORMAL2-IM-XXXX-000Y.
@@ -249,6 +248,9 @@ class ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        # Here, not at the top: listing and expanding folders (predict on an ONNX engine) must not import torch.
+        from .augment import augmented, to_tensor, view_seed
+
         array = self.cache.get(self.paths[index], self.digests[index])
         if self.transform is None or self.view == 0:
             image = to_tensor(array)

@@ -39,7 +39,7 @@ from ..models.inference import NormalizedInput
 from ..rundir import checkpoint_path
 from ..config import EXPORT_FORMATS
 from .onnx_runtime import (FORMATS, INPUT_NAME, INT8_FILE, OUTPUT_NAME, SIDECAR, SIDECAR_FORMAT,
-                           export_dir, read_sidecar)
+                           export_current, export_dir, read_sidecar)
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,7 @@ def ensure_onnx(run: str | Path, out: str | Path | None = None) -> Path:
     if not checkpoint.is_file():
         load_checkpoint(run)  # raises the usual "no checkpoint" error
     folder = Path(out) if out else export_dir(run)
-    card = read_sidecar(folder / SIDECAR)
-    if "onnx" not in card.get("files", {}) or not (folder / FORMATS["onnx"]).is_file() \
-            or card.get("checkpoint_sha256") != file_sha256(checkpoint):
+    if not export_current(folder, checkpoint):
         log.info("exporting %s to %s for ONNX Runtime", run, folder)
         export(run, "onnx", folder)
     return folder

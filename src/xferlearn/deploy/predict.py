@@ -3,8 +3,11 @@
 `load_engine(run, engine)` gives a predictor with one interface (`iter_predict`, `predict`,
 `classes`) whatever computes it: PyTorch (`torch`, the checkpoint itself), ONNX Runtime on
 the fp32 export (`onnx`, exported on first use), or its int8 quantisation (`onnx-int8`,
-quantised and checked against validation on first use). `write_rows` streams the rows as
-CSV or JSON.
+quantised and checked against validation on first use). `auto`, the default, takes the int8
+model where it already exists for the run's current checkpoint (it passed its validation
+check; its own threshold comes with it) and PyTorch otherwise: quantising needs the run's
+training and validation images and half a minute, which a default must not spend unasked.
+`write_rows` streams the rows as CSV or JSON.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from pathlib import Path
 from ..config import ENGINES
 from ..errors import XferlearnError
 from ..rundir import checkpoint_path
-from .export import ensure_onnx
-from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, read_sidecar
+from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_current, export_dir, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,11 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -
     run = Path(run)
     if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
         return OnnxPredictor(run, threads, int8=int8)
-    folder = ensure_onnx(run)
+    folder = export_dir(run)
+    if not export_current(folder, checkpoint_path(run), "onnx-int8" if int8 else "onnx"):
+        from .export import ensure_onnx  # torch: only when there is something to export
+
+        folder = ensure_onnx(run)
     if int8 and ("int8" not in read_sidecar(folder / SIDECAR) or not (folder / INT8_FILE).is_file()):
         from .quantize import export_int8  # here: it brings scikit-learn, which plain ONNX prediction never needs
 
@@ -40,23 +46,48 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -
     return OnnxPredictor(folder, threads, int8=int8)
 
 
-def load_engine(run: str | Path, engine: str = "torch", *, precision: str = "auto", compile: str = "auto",
-                n_images: int | None = None, batch_size: int = 32, tta: bool | None = None,
-                prevalence: float | None = None):
-    """A predictor for `run` on `engine` (one of ENGINES)."""
+def int8_ready(run: str | Path) -> bool:
+    """Whether `run` (a run folder, or an export folder) holds an int8 model that passed its
+    validation check, made from the run's current checkpoint."""
+    run = Path(run)
+    if run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists():
+        return "int8" in read_sidecar(run / SIDECAR) and (run / INT8_FILE).is_file()
+    return export_current(export_dir(run), checkpoint_path(run), "onnx-int8")
+
+
+def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = False) -> str:
+    """The engine `auto` stands for (see the module's docstring); any other is returned as it is.
+    `torch_options`: the caller asked for something only PyTorch does (precision, TTA, prevalence)."""
     if engine not in ENGINES:
         raise XferlearnError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+    if engine != "auto":
+        return engine
+    chosen = "torch" if torch_options or not int8_ready(run) else "onnx-int8"
+    log.info("engine auto: %s", chosen)
+    return chosen
+
+
+def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto", compile: str = "auto",
+                n_images: int | None = None, batch_size: int = 32, tta: bool | None = None,
+                prevalence: float | None = None):
+    """A predictor for `run` on `engine` (one of ENGINES); its `engine` attribute says which ran."""
+    engine = resolve_engine(run, engine, torch_options=precision != "auto" or compile != "auto" or tta is not None
+                            or prevalence is not None)
     if engine == "torch":
         from ..models.predictor import load_predictor
 
-        return load_predictor(run, precision=precision, compile=compile, n_images=n_images, batch_size=batch_size, tta=tta,
-                    prevalence=prevalence)
+        predictor = load_predictor(run, precision=precision, compile=compile, n_images=n_images,
+                                   batch_size=batch_size, tta=tta, prevalence=prevalence)
+        predictor.engine = engine
+        return predictor
     if precision not in ("fp32", "auto"):
         raise XferlearnError("--precision applies to --engine torch; ONNX engines run their export as it is.")
     if tta or prevalence is not None:
         raise XferlearnError("--tta and --prevalence apply to --engine torch; ONNX engines apply test-time "
                              "augmentation where the export's threshold was chosen with it.")
-    return load_onnx(run, int8=engine == "onnx-int8")
+    predictor = load_onnx(run, int8=engine == "onnx-int8")
+    predictor.engine = engine
+    return predictor
 
 
 def write_rows(rows: Iterable[dict], classes: list[str], fmt: str = "csv", out=None) -> int:

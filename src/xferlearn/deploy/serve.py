@@ -7,9 +7,12 @@ and the server goes on: the body is counted as it arrives and refused past the l
 pixel count is read from the header before decoding, and a fixed number of decodes run at
 once, which bounds the memory a burst of large uploads can take.
 
-Decoding runs in the thread pool, outside any lock. Requests reaching a busy model wait on
-one lock; whoever gets it runs everything queued as one batch, so a burst costs few forward
-passes and nobody waits for a timer. Grad-CAM hooks the model, so explanations hold the lock.
+Decoding runs in the thread pool, outside any lock, as many at once as there are cores.
+Requests reaching a busy model wait on one lock; whoever gets it runs everything queued as
+one batch, so a burst costs few forward passes and nobody waits for a timer. The batch runs
+on the engine chosen with `engine` (config.ENGINES: PyTorch, or ONNX Runtime fp32 or int8,
+which has its own validation threshold); Grad-CAM needs PyTorch, so explanations use the
+checkpoint's network whatever the engine, hold the lock, and are loaded on first request.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,10 +43,14 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from .._io import file_sha256, plain
+from ..config import ENGINES
 from ..data.images import UnreadableImage
 from ..errors import XferlearnError
-from ..models.predictor import Predictor, load_predictor
+from ..models.checkpoint import Checkpoint, load_checkpoint
+from ..models.predictor import BasePredictor, Predictor, load_predictor
 from ..rundir import checkpoint_path
+from .batching import BatchingRunner, decode_slots
+from .predict import resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,6 @@ DEFAULT_MAX_UPLOAD = 20 * 2**20
 DEFAULT_MAX_PIXELS = 50_000_000
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
 CHUNK = 1 << 20
-MAX_BATCH = 32
 ACCEPTED_TYPES = "image/* or application/octet-stream"
 
 
@@ -78,11 +83,13 @@ class Prediction(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     model_id: str
+    engine: str = Field(description="what computes the probabilities: " + ", ".join(ENGINES))
     max_upload_bytes: int
 
 
 class ModelCard(BaseModel):
     model_id: str
+    engine: str = Field(description="what computes the probabilities: " + ", ".join(ENGINES))
     arch: str
     backbone: str
     weights: str
@@ -107,17 +114,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 # --- helpers --------------------------------------------------------------------------
-def model_id(predictor: Predictor, run: str | Path | None = None) -> str:
+def model_id(predictor: Predictor | Checkpoint, run: str | Path | None = None) -> str:
     """The backbone and a short hash of the checkpoint file (of the weights and card without one)."""
+    checkpoint = predictor if isinstance(predictor, Checkpoint) else predictor.checkpoint
     digest = hashlib.sha256()
     if run is not None:
-        return f"{predictor.checkpoint.backbone}-{file_sha256(checkpoint_path(run))[:12]}"
+        return f"{checkpoint.backbone}-{file_sha256(checkpoint_path(run))[:12]}"
     else:
-        digest.update(repr(sorted(plain(predictor.checkpoint.card()).items())).encode())
-        for name, tensor in sorted(predictor.checkpoint.state_dict.items()):
+        digest.update(repr(sorted(plain(checkpoint.card()).items())).encode())
+        for name, tensor in sorted(checkpoint.state_dict.items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{predictor.checkpoint.backbone}-{digest.hexdigest()[:12]}"
+    return f"{checkpoint.backbone}-{digest.hexdigest()[:12]}"
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -167,40 +175,21 @@ def _too_large(limit: int) -> str:
     return f"the file is over the upload limit of {limit / 2**20:.3g} MB"
 
 
-class _BatchingRunner:
-    """Runs the model for many threads: whoever gets the lock runs everything queued as one batch."""
-
-    def __init__(self, predictor: Predictor, lock: threading.Lock):
-        self.predictor, self.lock = predictor, lock
-        self._queue: list[tuple[np.ndarray, Future]] = []
-        self._queue_lock = threading.Lock()
-
-    def probabilities(self, array: np.ndarray) -> np.ndarray:
-        mine: Future = Future()
-        with self._queue_lock:
-            self._queue.append((array, mine))
-        while not mine.done():
-            with self.lock:
-                with self._queue_lock:
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                if not batch:
-                    continue
-                try:
-                    stacked = torch.from_numpy(np.stack([a for a, _ in batch])).permute(0, 3, 1, 2)
-                    for (_, future), probs in zip(batch, self.predictor.probabilities(stacked)):
-                        future.set_result(probs)
-                except BaseException as error:  # every waiter in the batch hears about it
-                    for _, future in batch:
-                        future.set_exception(error)
-        return mine.result()
-
-
 class _Service:
-    def __init__(self, predictor: Predictor, identity: str, max_pixels: int):
+    def __init__(self, predictor: BasePredictor, checkpoint: Checkpoint, identity: str, max_pixels: int,
+                 engine: str = "torch", run: str | Path | None = None):
         self.predictor, self.model_id, self.max_pixels = predictor, identity, max_pixels
+        self.checkpoint, self.engine, self.run = checkpoint, engine, run
         self.model_lock = threading.Lock()
-        self.runner = _BatchingRunner(predictor, self.model_lock)
-        self.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
+        self.runner = BatchingRunner(predictor, self.model_lock)
+        self.decode_slots = threading.BoundedSemaphore(decode_slots())
+        self._explainer: Predictor | None = predictor if isinstance(predictor, Predictor) else None
+
+    def explainer(self) -> Predictor:
+        """The PyTorch network Grad-CAM hooks: the engine itself, or (ONNX engines) loaded on first use."""
+        if self._explainer is None:
+            self._explainer = load_predictor(self.run)
+        return self._explainer
 
     def check_pixels(self, data: bytes, name: str) -> None:
         """Refuse absurd pixel counts from the header alone, before any pixel is decoded."""
@@ -223,10 +212,9 @@ class _Service:
             except UnreadableImage as error:
                 raise HTTPException(422, f"{name}: {error}") from None
         row = self.predictor.row(name, self.runner.probabilities(array))
-        checkpoint = self.predictor.checkpoint
         result = {"file": name, "class": row["class"], "probabilities": row["probabilities"],
-                  "threshold": row["threshold"], "threshold_source": checkpoint.threshold_source,
-                  "positive_class": checkpoint.positive_class, "model_id": self.model_id}
+                  "threshold": row["threshold"], "threshold_source": self.threshold_source(),
+                  "positive_class": self.checkpoint.positive_class, "model_id": self.model_id}
         if explain:
             result["heatmap_png_base64"] = base64.b64encode(self.explain(array)).decode("ascii")
         return result
@@ -237,11 +225,19 @@ class _Service:
         except ImportError as error:
             raise HTTPException(501, f"explanations are not available here: {error}") from None
         with self.model_lock:  # Grad-CAM's hooks must not see another request's forward pass
-            return explanation_png(self.predictor, array)
+            return explanation_png(self.explainer(), array)
+
+    def threshold_source(self) -> str:
+        """Where the engine's threshold came from: the int8 model has its own, chosen at export."""
+        sidecar = getattr(self.predictor, "card", None)
+        if self.engine == "onnx-int8" and isinstance(sidecar, dict) and "int8" in sidecar:
+            return sidecar["int8"]["threshold_source"]
+        return self.checkpoint.threshold_source
 
     def card(self) -> dict:
-        card = plain(self.predictor.checkpoint.card())
-        return {**card, "model_id": self.model_id, "input_size": self.predictor.preprocessing.input_size}
+        card = plain(self.checkpoint.card())
+        return {**card, "model_id": self.model_id, "engine": self.engine, "threshold": self.predictor.threshold,
+                "threshold_source": self.threshold_source(), "input_size": self.predictor.preprocessing.input_size}
 
 
 async def _read_limited(file: UploadFile, limit: int) -> bytes:
@@ -267,16 +263,30 @@ def _validation_message(errors) -> str:
 
 # --- the app --------------------------------------------------------------------------
 def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
-    """A FastAPI app serving one trained run (a run folder, checkpoint file or loaded Predictor)."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, engine: str = "auto") -> FastAPI:
+    """A FastAPI app serving one trained run (a run folder, checkpoint file or loaded Predictor)
+    on `engine` (config.ENGINES; a loaded Predictor is PyTorch's)."""
     if max_upload_bytes < 1 or max_pixels < 1:
         raise XferlearnError("the upload limit and the pixel limit must be positive.")
+    if engine not in ENGINES:
+        raise XferlearnError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+    run = None
     if isinstance(run_or_predictor, Predictor):
-        predictor, identity = run_or_predictor, model_id(run_or_predictor)
+        if engine not in ("auto", "torch"):
+            raise XferlearnError("a loaded Predictor runs on PyTorch; serve the run folder to use an ONNX engine.")
+        predictor, checkpoint, identity = run_or_predictor, run_or_predictor.checkpoint, model_id(run_or_predictor)
+        engine = "torch"
+    elif (engine := resolve_engine(run_or_predictor, engine)) == "torch":
+        run = run_or_predictor
+        predictor = load_predictor(run)
+        checkpoint, identity = predictor.checkpoint, model_id(predictor, run)
     else:
-        predictor = load_predictor(run_or_predictor)
-        identity = model_id(predictor, run_or_predictor)
-    service = _Service(predictor, identity, max_pixels)
+        from .predict import load_engine  # ONNX Runtime (and scikit-learn to quantise) only where asked
+
+        run = run_or_predictor
+        predictor, checkpoint = load_engine(run, engine), load_checkpoint(run)
+        identity = model_id(checkpoint, run)
+    service = _Service(predictor, checkpoint, identity, max_pixels, engine, run)
 
     app = FastAPI(title="xferlearn", version=__version__,
                   description=f"Image classification with {identity} ({', '.join(predictor.classes)}).")
@@ -322,7 +332,8 @@ def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int =
 
     @app.get("/health", response_model=Health, summary="Liveness and the model being served")
     def health():
-        return {"status": "ok", "model_id": service.model_id, "max_upload_bytes": max_upload_bytes}
+        return {"status": "ok", "model_id": service.model_id, "engine": service.engine,
+                "max_upload_bytes": max_upload_bytes}
 
     @app.get("/model", response_model=ModelCard, summary="The model card: classes, threshold, metrics")
     def model_card():
@@ -355,13 +366,13 @@ def _url(sock: socket.socket) -> str:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD, engine: str = "auto") -> None:
     """Serve a run over HTTP until interrupted."""
     import uvicorn
 
-    app = create_app(run, max_upload_bytes)
+    app = create_app(run, max_upload_bytes, engine=engine)
     sock = _listen(host, port)
-    print(f"xferlearn: serving {app.state.service.model_id} at {_url(sock)}/ "
+    print(f"xferlearn: serving {app.state.service.model_id} on {app.state.service.engine} at {_url(sock)}/ "
           "(upload page at /, API docs at /docs); Ctrl+C stops.", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 

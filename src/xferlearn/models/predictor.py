@@ -17,106 +17,17 @@ the validation operating point while the probabilities read right for that popul
 
 from __future__ import annotations
 
-import io
-import os
 import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..data.augment import TTA_VIEWS, tta_views
-from ..data.images import UnreadableImage, decode, decode_file
 from ..errors import XferlearnError
+from .base import BasePredictor  # noqa: F401  (re-exported: engines subclass it from here too)
 from .checkpoint import Checkpoint, load_checkpoint
 from .inference import FastForward, normalize, resolve_precision
-
-
-class BasePredictor(ABC):
-    """What every engine shares: decoding as training did, the decision rule, result rows and
-    streaming. An engine (PyTorch here, ONNX Runtime in export.py) supplies `probabilities`."""
-
-    def __init__(self, classes: list[str], threshold: float | None, positive_index: int | None,
-                 temperature: float, preprocessing: Preprocessing):
-        self.classes = classes
-        self.threshold = threshold
-        self.positive_index = positive_index
-        self.temperature = temperature
-        self.preprocessing = preprocessing
-
-    @abstractmethod
-    def probabilities(self, batch) -> np.ndarray:
-        """(N, 3, H, W) uint8 -> (N, C) calibrated class probabilities."""
-
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Class indices: the validation threshold on the positive class for two classes, argmax otherwise."""
-        if self.positive_index is None or self.threshold is None:
-            return probs.argmax(axis=1)
-        other = 1 - self.positive_index
-        return np.where(probs[:, self.positive_index] >= self.threshold, self.positive_index, other)
-
-    # --- convenience for users ----------------------------------------------------------
-    def decode(self, item) -> np.ndarray:
-        """A path, bytes, PIL image or HxWxC array -> the (size, size, 3) uint8 array training used."""
-        size, interpolation = self.preprocessing.input_size, self.preprocessing.interpolation
-        if isinstance(item, (str, Path)):
-            return decode_file(item, size, interpolation)
-        if isinstance(item, (bytes, bytearray)):
-            return decode(bytes(item), size, interpolation)
-        if isinstance(item, np.ndarray):
-            item = Image.fromarray(item)
-        if isinstance(item, Image.Image):
-            buffer = io.BytesIO()
-            item.save(buffer, format="PNG")
-            return decode(buffer.getvalue(), size, interpolation)
-        raise TypeError(f"cannot predict on a {type(item).__name__}")
-
-    def row(self, name: str, probs: np.ndarray | None, error: str | None = None) -> dict:
-        if probs is None:
-            return {"file": name, "class": None, "probabilities": None, "threshold": self.threshold, "error": error}
-        label = int(self.decide(probs[None])[0])
-        return {"file": name, "class": self.classes[label],
-                "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
-                "threshold": self.threshold, "error": None}
-
-    def iter_predict(self, items: Iterable, batch_size: int = 32, workers: int | None = None) -> Iterator[dict]:
-        """Stream one result row per item; decoding runs in threads while the model computes."""
-        items = list(items)
-        names = [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__} {n}>" for n, i in enumerate(items)]
-
-        def safe_decode(item):
-            try:
-                return self.decode(item), None
-            except UnreadableImage as error:
-                return None, str(error)
-
-        starts = range(0, len(items), batch_size)
-        with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-            # One batch decodes (PIL releases the GIL) while the previous one is in the network.
-            def submit(start):
-                return [pool.submit(safe_decode, item) for item in items[start:start + batch_size]]
-
-            pending = [submit(starts[0])] if starts else []
-            for k, start in enumerate(starts):
-                if k + 1 < len(starts):
-                    pending.append(submit(starts[k + 1]))
-                decoded = [future.result() for future in pending.pop(0)]
-                good = [k for k, (array, _) in enumerate(decoded) if array is not None]
-                probs = self.probabilities(torch.from_numpy(np.stack([decoded[k][0] for k in good])).permute(0, 3, 1, 2)) \
-                    if good else np.zeros((0, len(self.classes)))
-                by_index = dict(zip(good, probs))
-                for k, (_, error) in enumerate(decoded):
-                    yield self.row(names[start + k], by_index.get(k), error)
-
-    def predict(self, items, batch_size: int = 32) -> list[dict]:
-        """Predict on one item or a list: paths, bytes, PIL images or arrays."""
-        single = not isinstance(items, (list, tuple))
-        rows = list(self.iter_predict([items] if single else items, batch_size))
-        return rows[0] if single else rows
 
 
 class Predictor(BasePredictor):
@@ -169,8 +80,8 @@ class Predictor(BasePredictor):
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 -> (N, C) logits; normalisation happens in the fast path."""
-        return self.fast(batch)
+        """(N, 3, H, W) uint8 tensor or array -> (N, C) logits; normalisation happens in the fast path."""
+        return self.fast(torch.as_tensor(batch))
 
     def view_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(V, N, C) logits: V is 1, or len(TTA_VIEWS) with `tta`, the clean image first. The
@@ -183,6 +94,7 @@ class Predictor(BasePredictor):
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """(N, 3, H, W) uint8 -> (N, C) calibrated class probabilities (mean over the TTA views,
         prior-shifted to `prevalence` where one is set)."""
+        batch = torch.as_tensor(batch)
         probs = (self.view_logits(batch) / self.temperature).softmax(dim=-1).mean(dim=0).cpu().numpy()
         if self.prevalence is not None:
             probs = prior_shift(probs, self.checkpoint.class_prior, self.target_prior)
