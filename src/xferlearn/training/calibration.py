@@ -24,7 +24,7 @@ from ..models.predictor import Predictor
 
 
 def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], positive: int | None,
-                    config: TrainConfig, view_logits: np.ndarray | None = None):
+                    config: TrainConfig, view_logits: np.ndarray | None = None, data: str = "validation split"):
     """Temperature, operating point and validation metrics, all from the validation split alone.
 
     The temperature is fitted on the clean images' logits; with `view_logits` (V, N, C), the
@@ -36,9 +36,9 @@ def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str
     else:
         probs = np.mean([apply_temperature(v, temperature) for v in view_logits], axis=0)
     point = choose_operating_point(val_y, probs, positive, config.threshold, config.target_sensitivity,
-                                   data="validation split", n=len(val_y), when="training",
+                                   data=data, n=len(val_y), when="training",
                                    tta_views=0 if view_logits is None else len(view_logits))
-    metrics = compute_metrics(val_y, probs, classes, point.value, point.describe())
+    metrics = compute_metrics(val_y, probs, classes, point.value, point.describe(), positive)
     return temperature, point, metrics, probs
 
 
