@@ -4,8 +4,9 @@
 them through the `DecodeCache` (which proves the file is an image and fills the cache
 for every later epoch), and lists what it could not read with the reason. Exact
 duplicates are kept once. `split_validation` then carves validation out of train,
-stratified by class and grouped by patient, so that no patient and no duplicate image
-sits on both sides.
+stratified by class and grouped by patient where file names carry one, so that no patient
+and no duplicate image sits on both sides. A provided validation folder is used as it is
+when it is large enough (`use_validation_folder`).
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def grouping(manifest: Manifest) -> str:
     """How `groups` grouped, in words: patients are mentioned only where some file carries one."""
     with_patient = sum(s.patient is not None for s in manifest.samples)
     if not with_patient:
-        return "each image its own group (no file name carries a patient id)"
+        return "each image its own group"
     return f"grouped by patient ({with_patient} of {len(manifest.samples)} files carry a patient id)"
 
 
