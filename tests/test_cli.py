@@ -50,9 +50,10 @@ def test_booleans_have_no_forms():
 def test_train_choices_come_from_config():
     _, commands = _subcommands()
     by_dest = {a.dest: a for a in commands["train"]._actions}
-    assert tuple(by_dest["recipe"].choices) == config.RECIPES
-    assert tuple(by_dest["threshold"].choices) == config.THRESHOLDS
-    assert tuple(by_dest["augment"].choices) == config.AUGMENT_PRESETS
+    for dest, allowed in (("recipe", config.RECIPES), ("threshold", config.THRESHOLDS),
+                          ("augment", config.AUGMENT_PRESETS), ("bn_policy", config.BN_POLICIES)):
+        assert by_dest[dest].metavar == "{" + ",".join(allowed) + "}"
+        assert "one of: " + ", ".join(allowed) in by_dest[dest].help
     assert str(config.MIN_VAL_PER_CLASS) in commands["train"].format_help()
 
 

@@ -64,7 +64,10 @@ def add_train(commands) -> None:
         choices = meta.get("choices")
         allowed = f"; one of: {', '.join(choices)}" if choices else ""
         default = "%(default)s" if f.default is not None else "see above" if "default:" in text else "none"
-        parser.add_argument(_flag(f.name), type=kind, default=f.default, choices=choices, metavar=meta.get("metavar"),
+        # The allowed values are named in the help and metavar, and checked by TrainConfig, so a
+        # wrong one gets its one-line error rather than argparse's usage block.
+        metavar = "{" + ",".join(choices) + "}" if choices else meta.get("metavar")
+        parser.add_argument(_flag(f.name), type=kind, default=f.default, metavar=metavar,
                             help=f"{text}{allowed} (default: {default})" if "(default:" not in text and
                             "default:" not in text else f"{text}{allowed}")
     parser.set_defaults(func=run_train)
