@@ -22,7 +22,7 @@ import numpy as np
 from .._io import content_hash, write_json
 from ..errors import XferlearnError
 from .augment import augmented, to_tensor, view_seed
-from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage
+from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage, progress_bar
 
 # Kaggle chest X-ray names: personN_bacteria_M / personN_virus_M, IM-XXXX-000Y, NORMAL2-IM-XXXX-000Y.
 _PATIENT_PATTERNS = (
@@ -198,7 +198,7 @@ def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None
         return path, label, digest, None
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(read, jobs))
+        results = list(progress_bar(pool.map(read, jobs), len(jobs), "reading images"))
 
     manifest = Manifest(str(roots[0]), list(classes), [])
     first_seen: dict[str, Sample] = {}

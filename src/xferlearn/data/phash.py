@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from .images import DecodeCache
+from .images import DecodeCache, progress_bar
 
 MAX_DISTANCE = 6
 
@@ -35,7 +35,7 @@ def hashes(paths, digests, cache: DecodeCache, workers: int | None = None) -> li
         return dhash(cache.get(*job))
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, zip(paths, digests)))
+        return list(progress_bar(pool.map(one, zip(paths, digests)), len(paths), "perceptual hashes"))
 
 
 def near_matches(queries: list[str], known: list[str], max_distance: int = MAX_DISTANCE) -> np.ndarray:

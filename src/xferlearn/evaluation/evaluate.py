@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.folders import ImageDataset, check_same_classes, class_folders, scan
-from ..data.images import DecodeCache
+from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
 from ..rundir import RunDir, checkpoint_path
@@ -39,7 +39,9 @@ def evaluation_root(data: Path, classes: list[str]) -> Path:
 def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_size: int = 32) -> np.ndarray:
     """(N, C) probabilities for every image of a manifest, decoded through the cache."""
     dataset = ImageDataset(manifest.paths, manifest.digests, None, cache)
-    batches = [predictor.probabilities(images) for images, _ in image_loader(dataset, batch_size)]
+    loader = image_loader(dataset, batch_size)
+    batches = [predictor.probabilities(images) for images, _ in progress_bar(loader, len(loader), "predicting",
+                                                                            quiet_below=2)]
     return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
 
 
