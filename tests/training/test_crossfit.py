@@ -77,6 +77,7 @@ def test_a_large_enough_val_folder_is_the_validation_split(tmp_path, capsys):
     assert "Validation: " in _said(capsys)
     checkpoint = load_checkpoint(result.run_dir)
     assert checkpoint.operating_point.n == 40 and checkpoint.metrics["n"] == 40
+    assert checkpoint.operating_point.data == "validation folder"
     split = json.loads((result.run_dir / "split.json").read_text())
     assert len(split["train"]) == 24 and all("/val/" in s["path"] for s in split["val"])
     assert "validation folder" in split["how"]

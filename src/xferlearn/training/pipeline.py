@@ -155,7 +155,8 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
          val_probs) = crossfit_operating_point(oof_logits, manifest, positive, config, folds)
         val_idx = train_idx  # every image's out-of-fold prediction
     else:
-        val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits)
+        where = "validation folder" if how.startswith("the validation folder") else "validation split"
+        val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits, where)
         checkpoint.metrics["intervals"] = bootstrap_intervals(manifest.labels[val_idx], val_probs, manifest.classes,
                                                               checkpoint.threshold, positive=positive)
         checkpoint.metrics["validation"] = how
