@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY = dict(backbone="resnet18", weights="none", image_size=64, epochs=2, views=0, lr=0.01)
+# cv=0: the tiny runs hold a validation split out (what most tests read back); the tests of
+# cross-fitting (tests/training/test_crossfit.py) turn it on.
+TINY = dict(backbone="resnet18", weights="none", image_size=64, epochs=2, views=0, lr=0.01, cv=0)
 
 
 @pytest.fixture(autouse=True)

@@ -23,21 +23,53 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_TRAIN_EXAMPLES = """examples:
+  xferlearn train data/chest_xray --out runs/xray
+      a root with train/ (and a 16-image val/, pooled: too small to choose on)
+  xferlearn train hymenoptera_data --out runs/ants --positive-class bees
+      a root with train/ and val/: val/ is the validation split (>= {minimum} images a class)
+  xferlearn train hymenoptera_data/train --out runs/ants-cv
+      a small folder of class folders: chosen by {folds}-fold cross-fitting, trained on every image
+  xferlearn train photos --recipe finetune --stages 4,9,all --no-cv
+"""
+
+
 def add_train(commands) -> None:
-    parser = commands.add_parser("train", help="train a classifier on a folder of class folders",
-                                 description="Train on DATA: one subfolder per class, or a Kaggle-style root "
-                                             "with train/ [val/] [test/]. Validation is carved from train by patient.")
-    parser.add_argument("data")
-    defaults = TrainConfig.__dataclass_fields__
+    from .config import CV_FOLDS, MIN_VAL_PER_CLASS
+
+    parser = commands.add_parser(
+        "train", help="train a classifier on a folder of class folders",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_TRAIN_EXAMPLES.format(minimum=MIN_VAL_PER_CLASS, folds=CV_FOLDS),
+        description="Train on DATA: one subfolder per class, or a root with train/ [val/] [test/]. A val/ "
+                    f"folder (or --val) with at least {MIN_VAL_PER_CLASS} images a class is the validation split; "
+                    "a smaller one is pooled into train. Otherwise validation is held out from train (grouped by "
+                    "patient where file names carry one) or, on small data, replaced by cross-fitting.")
     for f in fields(TrainConfig):
+        meta = f.metadata
         if f.name in _HIDDEN:
+            parser.add_argument(f.name, help=meta["help"])
             continue
-        default = defaults[f.name].default
-        if f.type in ("bool",) or isinstance(default, bool):
-            parser.add_argument(_flag(f.name), action="store_true", help=f"(default: {default})")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(_flag(f.name), type=kind, default=default, help=f"(default: {default})")
+        text = meta["help"]
+        if f.name == "cv":
+            parser.add_argument("--cv", type=int, metavar="K", help=f"{text} (default: automatic)")
+            parser.add_argument("--no-cv", dest="cv", action="store_const", const=0,
+                                help="never cross-fit: choose on a held-out split (or the validation folder)")
+            continue
+        if isinstance(f.default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{text} (default: %(default)s)")
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        choices = meta.get("choices")
+        allowed = f"; one of: {', '.join(choices)}" if choices else ""
+        default = "%(default)s" if f.default is not None else "see above" if "default:" in text else "none"
+        # The allowed values are named in the help and metavar, and checked by TrainConfig, so a
+        # wrong one gets its one-line error rather than argparse's usage block.
+        metavar = "{" + ",".join(choices) + "}" if choices else meta.get("metavar")
+        parser.add_argument(_flag(f.name), type=kind, default=f.default, metavar=metavar,
+                            help=f"{text}{allowed} (default: {default})" if "(default:" not in text and
+                            "default:" not in text else f"{text}{allowed}")
     parser.set_defaults(func=run_train)
 
 
@@ -50,15 +82,28 @@ def run_train(args) -> int:
 
 
 def add_evaluate(commands) -> None:
-    parser = commands.add_parser("evaluate", help="metrics.json, report.md and plots for a run on labelled data")
+    parser = commands.add_parser(
+        "evaluate", help="metrics.json, report.md and plots for a run on labelled data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate RUN's model on DATA at the operating point chosen in training. The images are "
+                    "matched against the run's training and validation images (identical files and "
+                    "re-encoded or resized copies); the count is printed and reported.",
+        epilog="examples:\n  xferlearn evaluate runs/ants hymenoptera_data/val\n"
+               "  xferlearn evaluate runs/xray data/chest_xray --strict     (its test/; exit 2 on any overlap)\n")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("data", help="a folder of class folders (or a Kaggle root: its test/ is used)")
     parser.add_argument("--out", help="where to write the report (default: the run folder)")
-    parser.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                        help="print metrics.json to stdout (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--no-gallery", dest="gallery", action="store_false",
-                        help="leave out the error gallery (the most confident mistakes with Grad-CAM heatmaps)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals "
+                                                                    "(default: %(default)s)")
+    parser.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
+                        help="the error gallery: the most confident mistakes with Grad-CAM heatmaps "
+                             "(default: %(default)s)")
+    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                        help="refuse (exit 2) when any image is among the run's training or validation images "
+                             "(default: %(default)s: report the overlap)")
     add_operating_point_flags(parser)
     parser.set_defaults(func=run_evaluate)
 
@@ -67,17 +112,19 @@ def add_operating_point_flags(parser) -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average over test-time-augmented views (default: as the threshold was chosen)")
     parser.add_argument("--prevalence", type=float,
-                        help="correct probabilities (and map the threshold) to this share of the positive class")
+                        help="correct probabilities (and map the threshold) to this share of the positive class, "
+                             "in (0, 1) (default: the training prior)")
 
 
 def run_evaluate(args) -> int:
     from .evaluation.evaluate import evaluate
 
     metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap,
-                       gallery=args.gallery, tta=args.tta, prevalence=args.prevalence)
+                       gallery=args.gallery, tta=args.tta, prevalence=args.prevalence, strict=args.strict)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
+        print(metrics["overlap"]["summary"], file=sys.stderr if not metrics["overlap"].get("total") else sys.stdout)
         line = f"accuracy {metrics['accuracy']:.4f}  AUC {metrics['auc']:.4f}  " \
                f"sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  n {metrics['n']}"
         print(line)
@@ -86,21 +133,28 @@ def run_evaluate(args) -> int:
 
 
 def add_predict(commands) -> None:
-    parser = commands.add_parser("predict", help="classify image files and folders (CSV or JSON on stdout)")
-    parser.add_argument("run")
+    parser = commands.add_parser("predict", help="classify image files and folders (CSV or JSON on stdout)",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n  xferlearn predict runs/ants photo.jpg more_photos/\n"
+                                        "  xferlearn predict runs/ants folder/ --engine onnx-int8 --format json "
+                                        "-o out.json\n")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("paths", nargs="+", help="image files and/or folders")
-    parser.add_argument("--format", choices=("csv", "json"), default="csv")
-    parser.add_argument("--output", "-o", help="write to this file instead of stdout")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv", help="csv or json (default: csv)")
+    parser.add_argument("--output", "-o", help="write to this file instead of stdout (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="(--engine torch) auto: bf16 where the hardware computes it natively")
+                        help=f"(--engine torch) one of {', '.join(PRECISIONS)}; auto: bf16 where the hardware "
+                             "computes it natively (default: auto)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="auto",
-                        help="(--engine torch) torch.compile the network; auto: when there are enough images to repay it")
+                        help=f"(--engine torch) one of {', '.join(COMPILE_MODES)}: torch.compile the network; auto: "
+                             "when there are enough images to repay it (default: auto)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="auto (default): onnx-int8 where `xferlearn export RUN --format onnx-int8` has made it "
-                             "for the current checkpoint, else torch; onnx: ONNX Runtime on RUN/export/model.onnx, "
-                             "exported there on first use; onnx-int8: its int8 quantisation (fastest on CPU, its own "
-                             "validation threshold), kept only if validation AUC holds within 0.002")
+                        help=f"one of {', '.join(ENGINES)}; auto (default): onnx-int8 where `xferlearn export RUN "
+                             "--format onnx-int8` has made it for the current checkpoint, else torch; onnx: ONNX "
+                             "Runtime on RUN/export/model.onnx, exported there on first use; onnx-int8: its int8 "
+                             "quantisation (fastest on CPU, its own validation threshold), kept only if validation AUC "
+                             "holds within 0.002")
     add_operating_point_flags(parser)
     parser.set_defaults(func=run_predict)
 
@@ -127,8 +181,10 @@ def run_predict(args) -> int:
 
 
 def add_backbones(commands) -> None:
-    parser = commands.add_parser("backbones", help="the backbones and which weights each can get right now")
-    parser.add_argument("--json", action="store_true")
+    parser = commands.add_parser("backbones", help="the backbones and which weights each can get right now",
+                                 epilog="example: xferlearn backbones --json")
+    parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                        help="print the table as JSON (default: %(default)s)")
     parser.set_defaults(func=run_backbones)
 
 
@@ -155,7 +211,9 @@ def run_backbones(args) -> int:
 def add_serve(commands) -> None:
     parser = commands.add_parser("serve", help="serve a run over HTTP: POST /predict, GET /health, /model, an upload page",
                                  description="Serve RUN over HTTP (uvicorn). Binds 127.0.0.1 unless --host says "
-                                             "otherwise; the upload page is at /, the API docs at /docs.")
+                                             "otherwise; the upload page is at /, the API docs at /docs.",
+                                 epilog="example: xferlearn serve runs/ants --port 8000   (then open "
+                                        "http://127.0.0.1:8000/)")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free one)")
@@ -182,7 +240,8 @@ def add_explain(commands) -> None:
     parser = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, one PNG per image",
                                  description="Write NAME.gradcam.png into --out for each image: the image, its "
                                              "Grad-CAM overlay for the predicted class, and the prediction. "
-                                             "Exits 1 when some files could not be read (the rest are written).")
+                                             "Exits 1 when some files could not be read (the rest are written).",
+                                 epilog="example: xferlearn explain runs/ants photo.jpg --out heatmaps/")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("paths", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: the current folder)")
@@ -204,10 +263,12 @@ def run_explain(args) -> int:
 
 
 def add_export(commands) -> None:
-    parser = commands.add_parser("export", help="export a run as ONNX or TorchScript, with a model.json sidecar")
+    parser = commands.add_parser("export", help="export a run as ONNX or TorchScript, with a model.json sidecar",
+                                 epilog="example: xferlearn export runs/ants --format onnx-int8")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
-                        help="onnx-int8: the ONNX export quantised to int8, kept only if validation AUC holds")
+                        help=f"one of {', '.join(EXPORT_FORMATS)}; onnx-int8: the ONNX export quantised to int8, "
+                             "kept only if validation AUC holds (default: onnx)")
     parser.add_argument("--out", help="folder to write into (default: RUN/export)")
     parser.add_argument("--calibration", help="(onnx-int8) a folder of images to measure activation ranges on "
                                               "(default: a sample of the run's training images; never test images)")
@@ -248,8 +309,14 @@ COMMANDS = [add_demo, add_train, add_evaluate, add_predict, add_backbones, add_s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xferlearn", description="Transfer learning on a folder of images.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="xferlearn", description="Transfer learning on any folder of images: "
+                                     "one subfolder per class.",
+                                     epilog="Run `xferlearn COMMAND --help` for a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"xferlearn {__version__}")
+    parser.add_argument("-v", "--verbose", action=argparse.BooleanOptionalAction, default=False,
+                        help="show library logs (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(commands)

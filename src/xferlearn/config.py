@@ -7,7 +7,7 @@ be rebuilt from its folder alone; the CLI's flags map one to one onto these fiel
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ._io import write_json
@@ -31,41 +31,78 @@ EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")  # onnx-int8 is derived fr
 DEFAULT_AUGMENT = {"linear": "article", "finetune": "xray"}
 
 
+# Validation folders and small data (training/pipeline.py). A provided val/ (or --val) is the
+# validation split when each class has at least MIN_VAL_PER_CLASS images there: fewer, and a
+# threshold chosen on it is mostly noise (Kaggle chest X-ray's val/ holds 8 a class), so it is
+# pooled into train. Without one, when the smallest class of the would-be held-out split has
+# fewer than CV_BELOW_PER_CLASS images, epochs, temperature and threshold are chosen on
+# CV_FOLDS-fold out-of-fold predictions instead (the linear recipe) and the head is refitted
+# on every image.
+MIN_VAL_PER_CLASS = 20
+CV_BELOW_PER_CLASS = 50
+CV_FOLDS = 5
+
+
+def _option(default, help: str, choices: tuple | None = None, metavar: str | None = None):
+    """A TrainConfig field with its help text beside it: the CLI and the docs read it from here."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    out: str = "runs/xferlearn"
-    backbone: str = "efficientnet_lite0"
-    weights: str = "default"          # default | packaged | imagenet | none | a path to a state dict
-    recipe: str = "linear"            # linear: frozen base + new head (the article's); finetune: staged
-    epochs: int = 30                  # of the head on cached features (finetune: its stage 0)
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    views: int = 1                    # augmented views per training image, beside the clean one
-    augment: str | None = None        # an augment.py preset; None: the recipe's (DEFAULT_AUGMENT)
-    val_fraction: float = 0.2
-    imbalance: str = "weights"        # none | weights (class-weighted loss) | sampler (balanced batches)
-    threshold: str = "youden"         # how the decision threshold is picked on validation
-    target_sensitivity: float | None = None
-    image_size: int | None = None     # None: the weights' own input size
-    precision: str = "auto"           # auto: bf16 where the hardware computes it natively
-    compile: str = "auto"             # torch.compile the frozen backbone: auto = when enough images repay it
-    seed: int = 0
-    workers: int | None = None        # DataLoader workers; None: chosen from the core count
-    batch_size_features: int = 32     # images per frozen-backbone call: 32 ran 1.2-1.35x faster than 64 on 2 cores
-    cache_dir: str | None = None      # None: $XFERLEARN_CACHE or ~/.cache/xferlearn
-    resume: bool = False
-    tta: bool = False                 # choose the threshold on test-time-augmented probabilities, and predict so
+    data: str = field(metadata={"help": "a folder of class folders, or a root holding train/ [val/] [test/]"})
+    out: str = _option("runs/xferlearn", "the run folder to create", metavar="DIR")
+    backbone: str = _option("efficientnet_lite0", "the pretrained network: a name from `xferlearn backbones`, "
+                            "or any timm model name", metavar="NAME")
+    weights: str = _option("default", "default | packaged | imagenet | none | a path to a state dict",
+                           metavar="WEIGHTS")
+    recipe: str = _option("linear", "linear: the frozen base and a new head on cached features; finetune: that "
+                          "head, then the network unfrozen in stages", RECIPES)
+    epochs: int = _option(30, "epochs of the head on cached features (finetune: its stage 0)")
+    batch_size: int = _option(128, "rows per step of the head")
+    lr: float = _option(1e-3, "learning rate of the head")
+    weight_decay: float = _option(1e-4, "AdamW weight decay of the head")
+    views: int = _option(1, "augmented views per training image, beside the clean one")
+    augment: str | None = _option(None, "augmentation preset; default: the recipe's (linear: article, "
+                                  "finetune: xray)", AUGMENT_PRESETS)
+    val: str | None = _option(None, "a folder of class folders to validate on (default: DATA/val where DATA "
+                              f"holds train/); used when each class has >= {MIN_VAL_PER_CLASS} images, "
+                              "pooled into train otherwise", metavar="DIR")
+    val_fraction: float = _option(0.2, "share of train held out for validation when no validation folder is used")
+    cv: int | None = _option(None, f"choose epochs, temperature and threshold on K-fold out-of-fold predictions "
+                             f"(linear recipe); default: automatic, {CV_FOLDS} folds when the held-out split "
+                             f"would have < {CV_BELOW_PER_CLASS} images in a class; --no-cv: never", metavar="K")
+    positive_class: str | None = _option(None, "two classes: the class the threshold and sensitivity refer to "
+                                         "(default: PNEUMONIA where a class is so named, else the second "
+                                         "class in sorted order)", metavar="NAME")
+    imbalance: str = _option("weights", "none | weights (class-weighted loss) | sampler (balanced batches)",
+                             IMBALANCE)
+    threshold: str = _option("youden", "how the decision threshold is chosen on validation", THRESHOLDS)
+    target_sensitivity: float | None = _option(None, "the sensitivity the threshold must reach (sets "
+                                               "--threshold target_sensitivity), e.g. 0.97")
+    image_size: int | None = _option(None, "input size in pixels (default: the weights' own)", metavar="PX")
+    precision: str = _option("auto", "auto: bf16 where the hardware computes it natively", PRECISIONS)
+    compile: str = _option("auto", "torch.compile the frozen backbone; auto: when enough images repay it",
+                           COMPILE_MODES)
+    seed: int = _option(0, "random seed of splits, augmentation and training")
+    workers: int | None = _option(None, "DataLoader worker processes (default: from the core count)")
+    batch_size_features: int = _option(32, "images per frozen-backbone call (32 ran 1.2-1.35x faster than 64 "
+                                       "on 2 cores)")
+    cache_dir: str | None = _option(None, "decode and feature cache (default: $XFERLEARN_CACHE or "
+                                    "~/.cache/xferlearn)", metavar="DIR")
+    resume: bool = _option(False, "continue an interrupted run in --out")
+    tta: bool = _option(False, "choose the threshold on test-time-augmented probabilities, and predict so")
     # --recipe finetune: after the head (stage 0), the network is unfrozen in stages (finetune.py).
-    stages: str = "4,9"               # per stage, how many layer groups below the head train; "all": every one
-    finetune_epochs: int = 3          # most epochs per stage (early stopping may end a stage sooner)
-    finetune_batch_size: int = 32
-    lr_backbone: float = 3e-4         # peak rate of the top layers (one-cycle: warm-up, then cosine)
-    layer_decay: float = 0.7          # each layer group further down trains at layer_decay x the rate above it
-    bn_policy: str = "frozen"         # frozen: BatchNorm statistics never change; last_stage: they update there
-    ema: float = 0.0                  # decay of an exponential moving average of the weights; 0: none
-    patience: int = 2                 # epochs without a better validation AUC before a stage stops
+    stages: str = _option("4,9", "(finetune) per stage, how many layer groups below the head train; 'all': "
+                          "every one, e.g. 4,9,all")
+    finetune_epochs: int = _option(3, "(finetune) most epochs per stage (early stopping may end one sooner)")
+    finetune_batch_size: int = _option(32, "(finetune) images per step")
+    lr_backbone: float = _option(3e-4, "(finetune) peak rate of the top layers (one-cycle)")
+    layer_decay: float = _option(0.7, "(finetune) each layer group further down trains at this x the rate above")
+    bn_policy: str = _option("frozen", "(finetune) frozen: BatchNorm statistics never change; last_stage: they "
+                             "update in the last stage", BN_POLICIES)
+    ema: float = _option(0.0, "(finetune) decay of an exponential moving average of the weights; 0: none")
+    patience: int = _option(2, "(finetune) epochs without a better validation AUC before a stage stops")
 
     def __post_init__(self):
         self.validate()
@@ -104,6 +141,8 @@ class TrainConfig:
         need(self.bn_policy in BN_POLICIES, f"--bn-policy must be one of {BN_POLICIES}, not {self.bn_policy!r}.")
         need(0 <= self.ema < 1, "--ema is a decay in [0, 1), e.g. 0.998; 0 turns the average off.")
         need(self.patience >= 1, "--patience must be at least 1.")
+        need(self.cv is None or self.cv == 0 or self.cv >= 2, f"--cv takes a number of folds of 2 or more "
+             f"(e.g. {CV_FOLDS}); --no-cv turns cross-fitting off.")
 
     def stage_depths(self) -> list[int | None]:
         """--stages as numbers of layer groups below the head, one per stage; None: all of them."""

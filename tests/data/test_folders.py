@@ -5,9 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_folder
+from conftest import make_folder, synthetic_image
 
-from xferlearn.data.folders import find_layout, patient_id, save_split, scan, split_validation
+from xferlearn.data.folders import (count_images, find_layout, folder_split, patient_id, save_split, scan,
+                                   split_validation, use_validation_folder)
 from xferlearn.errors import XferlearnError
 from xferlearn.data.images import DecodeCache
 
@@ -69,7 +70,7 @@ def test_split_without_patient_names_is_plain_stratified(tmp_path, cache):
     manifest = scan(make_folder(tmp_path / "d", per_class=20, patients=False), cache)
     _, val_idx, how = split_validation(manifest, 0.2)
     assert np.bincount(manifest.labels[val_idx]).tolist() == [4, 4]
-    assert "0 of 40 files carry a patient id" in how
+    assert "each image its own group" in how and "patient" not in how  # no patient talk without patients
 
 
 def test_split_is_saved(tmp_path, image_folder, cache):
@@ -81,13 +82,17 @@ def test_split_is_saved(tmp_path, image_folder, cache):
     assert {"path", "label", "digest", "patient"} <= set(saved["val"][0])
 
 
-def test_kaggle_root_pools_val_and_checks_test(tmp_path):
+def test_kaggle_root_finds_val_and_checks_test(tmp_path):
     root = tmp_path / "kaggle"
     make_folder(root / "train")
     make_folder(root / "val", per_class=2)
     make_folder(root / "test", per_class=3)
     layout = find_layout(root)
-    assert layout.train_roots == [root / "train", root / "val"] and layout.test_root == root / "test"
+    assert layout.train_roots == [root / "train"] and layout.val_root == root / "val"
+    assert layout.test_root == root / "test"
+    assert find_layout(root / "train", val=root / "test").val_root == root / "test"
+    with pytest.raises(XferlearnError, match="--val .* is not a folder"):
+        find_layout(root / "train", val=root / "nowhere")
     shutil.rmtree(root / "test" / "NORMAL")
     (root / "test" / "COVID").mkdir()
     with pytest.raises(XferlearnError, match="missing: \\['NORMAL'\\].*unknown: \\['COVID'\\]"):
@@ -116,3 +121,35 @@ def test_too_few_images_to_split(tmp_path, cache):
     manifest = scan(make_folder(tmp_path / "d", per_class=3), cache)
     with pytest.raises(XferlearnError, match="Too few images"):
         split_validation(manifest, 0.2)
+
+
+def test_validation_folder_is_used_only_when_large_enough():
+    use, why = use_validation_folder({"ants": 70, "bees": 83}, 20)
+    assert use and "smallest: ants, 70" in why
+    use, why = use_validation_folder({"NORMAL": 8, "PNEUMONIA": 8}, 20)
+    assert not use and "NORMAL has 8 images there, fewer than the 20" in why
+
+
+def test_folder_split_and_counts(tmp_path, cache):
+    make_folder(tmp_path / "train", per_class=6)
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):  # images unlike train's (other seeds)
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(4):
+            synthetic_image(label, 100 + i).save(tmp_path / "val" / name / f"v{i}.png")
+    assert count_images(tmp_path / "val", ["NORMAL", "PNEUMONIA"]) == {"NORMAL": 4, "PNEUMONIA": 4}
+    # An image in both folders is kept once, on the training side: validation never repeats train.
+    shutil.copy(tmp_path / "train" / "NORMAL" / "IM-0000-0001.jpeg", tmp_path / "val" / "NORMAL" / "copy.jpeg")
+    manifest = scan([tmp_path / "train", tmp_path / "val"], cache)
+    train_idx, val_idx = folder_split(manifest, tmp_path / "val")
+    assert len(train_idx) == 12 and len(val_idx) == 8
+    assert all("/val/" in manifest.paths[i] for i in val_idx) and len(manifest.duplicates) == 1
+    assert manifest.duplicates[0][0].endswith("val/NORMAL/copy.jpeg")
+
+
+def test_patients_are_mentioned_only_where_files_carry_them(tmp_path, cache):
+    plain = scan(make_folder(tmp_path / "plain", classes=("ants", "bees"), per_class=10, patients=False), cache)
+    *_, how = split_validation(plain, 0.2)
+    assert "patient" not in how and "each image its own group" in how
+    xrays = scan(make_folder(tmp_path / "xray", per_class=10), cache)
+    *_, how = split_validation(xrays, 0.2)
+    assert "grouped by patient (20 of 20 files carry a patient id)" in how

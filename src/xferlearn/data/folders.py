@@ -4,8 +4,9 @@
 them through the `DecodeCache` (which proves the file is an image and fills the cache
 for every later epoch), and lists what it could not read with the reason. Exact
 duplicates are kept once. `split_validation` then carves validation out of train,
-stratified by class and grouped by patient, so that no patient and no duplicate image
-sits on both sides.
+stratified by class and grouped by patient where file names carry one, so that no patient
+and no duplicate image sits on both sides. A provided validation folder is used as it is
+when it is large enough (`use_validation_folder`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from .._io import content_hash, write_json
 from ..errors import XferlearnError
-from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage
+from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage, progress_bar
 
 # Kaggle chest X-ray names: personN_bacteria_M / personN_virus_M, IM-XXXX-000Y, NORMAL2-IM-XXXX-000Y.
 _PATIENT_PATTERNS = (
@@ -80,34 +81,61 @@ def class_folders(root: Path) -> list[str]:
 
 @dataclass
 class Layout:
-    """Where the images are: the class roots pooled for training, and a test root if any."""
+    """Where the images are: the class roots for training, a validation folder and a test root if any."""
     train_roots: list[Path]
     test_root: Path | None
     classes: list[str]
+    val_root: Path | None = None
 
 
-def find_layout(root: str | Path) -> Layout:
-    """A folder of class folders, or a Kaggle-style root holding train/ [val/] [test/].
-
-    The Kaggle val/ (16 images) is too small to choose anything on, so it is pooled with
-    train/ and a proper validation split is carved from both.
-    """
+def find_layout(root: str | Path, val: str | Path | None = None) -> Layout:
+    """A folder of class folders, or a root holding train/ [val/] [test/]; `val` names a
+    validation folder explicitly (else ROOT/val where ROOT holds train/). Whether that folder
+    is large enough to validate on is `use_validation_folder`'s call, made on its counts."""
     root = Path(root)
     if not root.exists():
         raise XferlearnError(f"{root} does not exist.")
     if (root / "train").is_dir():
-        train_roots = [root / "train"] + ([root / "val"] if (root / "val").is_dir() else [])
+        train_roots = [root / "train"]
+        val_root = root / "val" if (root / "val").is_dir() else None
         test_root = root / "test" if (root / "test").is_dir() else None
     else:
-        train_roots, test_root = [root], None
+        train_roots, val_root, test_root = [root], None, None
+    if val is not None:
+        val_root = Path(val)
+        if not val_root.is_dir():
+            raise XferlearnError(f"--val {val_root} is not a folder of class folders.")
     classes = class_folders(train_roots[0])
-    for other in train_roots[1:] + ([test_root] if test_root else []):
-        check_same_classes(classes, class_folders(other), other)
     if not classes:
         raise XferlearnError(f"{train_roots[0]} has no class folders: put each class's images in a subfolder named after it.")
     if len(classes) < 2:
         raise XferlearnError(f"{train_roots[0]} has a single class folder ({classes[0]}): a classifier needs at least two.")
-    return Layout(train_roots, test_root, classes)
+    for other in [r for r in (val_root, test_root) if r]:
+        check_same_classes(classes, class_folders(other), other)
+    return Layout(train_roots, test_root, classes, val_root)
+
+
+def count_images(root: Path, classes: list[str]) -> dict[str, int]:
+    """Image files per class folder, by extension (cheap: nothing is read)."""
+    return {name: sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in _list_files(root / name)) for name in classes}
+
+
+def use_validation_folder(counts: dict[str, int], minimum: int) -> tuple[bool, str]:
+    """Whether a provided validation folder is the validation split (each class has at least
+    `minimum` images) or is pooled into train (fewer: too few to choose a threshold on), and why."""
+    smallest = min(counts, key=counts.get)
+    if counts[smallest] >= minimum:
+        return True, (f"every class has at least {minimum} images there (smallest: {smallest}, "
+                      f"{counts[smallest]})")
+    return False, (f"{smallest} has {counts[smallest]} images there, fewer than the {minimum} a class needs "
+                   "to choose a threshold on")
+
+
+def folder_split(manifest: Manifest, val_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of a manifest scanned from train roots and `val_root`: val is what
+    lies under `val_root` (an image also in train was kept once, on the train side)."""
+    inside = np.array([Path(s.path).is_relative_to(val_root) for s in manifest.samples])
+    return np.flatnonzero(~inside), np.flatnonzero(inside)
 
 
 def check_same_classes(expected: list[str], found: list[str], where: Path | str) -> None:
@@ -169,7 +197,7 @@ def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None
         return path, label, digest, None
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(read, jobs))
+        results = list(progress_bar(pool.map(read, jobs), len(jobs), "reading images"))
 
     manifest = Manifest(str(roots[0]), list(classes), [])
     first_seen: dict[str, Sample] = {}
@@ -199,6 +227,19 @@ def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None
     return manifest
 
 
+def groups(manifest: Manifest) -> list[str]:
+    """The unit kept on one side of a split: the patient where the file name carries one, else the image."""
+    return [s.patient or s.digest for s in manifest.samples]
+
+
+def grouping(manifest: Manifest) -> str:
+    """How `groups` grouped, in words: patients are mentioned only where some file carries one."""
+    with_patient = sum(s.patient is not None for s in manifest.samples)
+    if not with_patient:
+        return "each image its own group"
+    return f"grouped by patient ({with_patient} of {len(manifest.samples)} files carry a patient id)"
+
+
 def split_validation(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """Indices of (train, val) and a description of how they were made.
 
@@ -208,25 +249,28 @@ def split_validation(manifest: Manifest, val_fraction: float = 0.2, seed: int = 
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels = manifest.labels
-    groups = [s.patient or s.digest for s in manifest.samples]
-    with_patient = sum(s.patient is not None for s in manifest.samples)
     n_splits = max(2, round(1 / val_fraction))
     if np.bincount(labels).min() < n_splits:
         raise XferlearnError(f"Too few images to carve a validation split: each class needs at least {n_splits} "
                              f"(have {manifest.counts()}).")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
-    how = (f"stratified by class, grouped by patient ({with_patient} of {len(labels)} files carry a patient id), "
-           f"1/{n_splits} held out, seed {seed}; exact duplicates removed before splitting")
+    train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, groups(manifest)))
+    how = (f"stratified by class, {grouping(manifest)}, 1/{n_splits} held out, seed {seed}; exact duplicates "
+           "removed before splitting")
     return np.sort(train_idx), np.sort(val_idx), how
 
 
-def save_split(path: Path, manifest: Manifest, train_idx, val_idx, how: str) -> None:
+def save_split(path: Path, manifest: Manifest, train_idx, val_idx, how: str, phashes: list[str] | None = None) -> None:
+    """RUN/split.json: every training and validation image with its content hash and, where
+    given (one per sample), its perceptual hash, so `evaluate` can find overlaps without the files."""
+    def entry(i):
+        return {**asdict(manifest.samples[i]), **({"phash": phashes[i]} if phashes else {})}
+
     record = {
         "how": how,
         "classes": manifest.classes,
-        "train": [asdict(manifest.samples[i]) for i in train_idx],
-        "val": [asdict(manifest.samples[i]) for i in val_idx],
+        "train": [entry(i) for i in train_idx],
+        "val": [entry(i) for i in val_idx],
         "unreadable": manifest.unreadable,
         "duplicates": manifest.duplicates,
     }

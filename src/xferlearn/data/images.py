@@ -129,6 +129,17 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def progress_bar(items, total: int, description: str, quiet_below: int = 64):
+    """`items`, with a transient progress bar on stderr while they come (rich's `track`): for
+    the steps a user waits for. Invisible where stderr is not a terminal, and for a few items."""
+    if total < quiet_below:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, total=total, description=description, transient=True, console=Console(stderr=True))
+
+
 class DecodeCache:
     """Decoded arrays on disk, one .npy per (content hash, size, interpolation).
 

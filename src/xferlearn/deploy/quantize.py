@@ -120,9 +120,10 @@ def _probabilities(predictor, images: np.ndarray, batch: int = 64) -> np.ndarray
                            for i in range(0, len(images), batch)])
 
 
-def _figures(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None) -> dict:
+def _figures(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None,
+             positive: int | None = None) -> dict:
     """AUC, and accuracy, sensitivity and specificity at `threshold` (argmax where None)."""
-    metrics = compute_metrics(y, probs, classes, threshold, "validation")
+    metrics = compute_metrics(y, probs, classes, threshold, "validation", positive)
     keys = ("auc", "accuracy", "sensitivity", "specificity")
     return {key: metrics[key] for key in keys if key in metrics} | {"threshold": threshold}
 
@@ -158,8 +159,9 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
                                        n=len(val_y), when="export", engine="int8",
                                        tta_views=training_point.tta_views)
         threshold = point.value
-        fp32_point = _figures(val_y, p32, classes, checkpoint.threshold)  # at the threshold chosen in training
-        int8_point = _figures(val_y, p8, classes, threshold)
+        positive = checkpoint.positive_index
+        fp32_point = _figures(val_y, p32, classes, checkpoint.threshold, positive)  # at the threshold chosen in training
+        int8_point = _figures(val_y, p8, classes, threshold, positive)
         difference = int8_point["auc"] - fp32_point["auc"]
         if not abs(difference) <= tolerance:
             raise XferlearnError(f"int8 quantisation moved validation AUC by {difference:+.4f} ({fp32_point['auc']:.4f}"

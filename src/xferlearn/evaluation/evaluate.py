@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from ..data.folders import ImageDataset, check_same_classes, class_folders, scan
-from ..data.images import DecodeCache
+from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
 from ..rundir import RunDir, checkpoint_path
+from ..data.phash import hashes
+from .leaks import describe_overlap, find_overlap, load_split, refuse_overlap
 from .metrics import bootstrap_intervals, compute_metrics
 from .report import write_report
 
@@ -37,24 +39,33 @@ def evaluation_root(data: Path, classes: list[str]) -> Path:
 def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_size: int = 32) -> np.ndarray:
     """(N, C) probabilities for every image of a manifest, decoded through the cache."""
     dataset = ImageDataset(manifest.paths, manifest.digests, None, cache)
-    batches = [predictor.probabilities(images) for images, _ in image_loader(dataset, batch_size)]
+    loader = image_loader(dataset, batch_size)
+    batches = [predictor.probabilities(images) for images, _ in progress_bar(loader, len(loader), "predicting",
+                                                                            quiet_below=2)]
     return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
 
 
 def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 32,
              n_boot: int = 1000, cache_dir: str | None = None, precision: str = "fp32",
-             gallery: bool = True, tta: bool | None = None, prevalence: float | None = None) -> dict:
+             gallery: bool = True, tta: bool | None = None, prevalence: float | None = None,
+             strict: bool = False) -> dict:
     """Evaluate the run's model on `data` and write the report into `out` (default: the run folder).
 
     With `gallery` (two classes only), the report shows the most confident false positives and
     false negatives with their Grad-CAM heatmaps. `tta` (None: as the threshold was chosen)
-    and `prevalence` (the positive share to correct probabilities to) are Predictor's."""
+    and `prevalence` (the positive share to correct probabilities to) are Predictor's. The
+    images are matched against the run's training and validation images (leaks.py): the
+    count is in the metrics and the report, and `strict` refuses any overlap."""
     run = Path(run)
     predictor = load_predictor(run, precision=precision, tta=tta, prevalence=prevalence)
     root = evaluation_root(Path(data), predictor.classes)
     pre = predictor.preprocessing
     cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
     manifest = scan(root, cache, classes=predictor.classes, dedupe=False)
+    rundir = RunDir.of(run)
+    overlap = find_overlap(load_split(rundir.split), manifest.digests, hashes(manifest.paths, manifest.digests, cache))
+    if strict:
+        refuse_overlap(overlap)
     with torch.inference_mode():
         probs = predict_manifest(predictor, manifest, cache, batch_size)
     labels = manifest.labels
@@ -62,11 +73,13 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
     source = checkpoint.threshold_source
     if predictor.prevalence is not None and predictor.threshold is not None:
         source += f"; mapped from {checkpoint.threshold:.4g} for a stated prevalence of {predictor.prevalence:g}"
-    metrics = compute_metrics(labels, probs, predictor.classes, predictor.threshold, source)
+    positive = checkpoint.positive_index
+    metrics = compute_metrics(labels, probs, predictor.classes, predictor.threshold, source, positive)
     metrics["tta"], metrics["prevalence"] = predictor.tta, predictor.prevalence
-    intervals = bootstrap_intervals(labels, probs, predictor.classes, predictor.threshold, n_boot=n_boot)
+    intervals = bootstrap_intervals(labels, probs, predictor.classes, predictor.threshold, n_boot=n_boot,
+                                    positive=positive)
+    metrics["overlap"] = {**overlap, "summary": describe_overlap(overlap)}
     metrics["unreadable"] = [{"file": path, "reason": reason} for path, reason in manifest.unreadable]
-    rundir = RunDir.of(run)
     run_info = {"run": str(rundir.root.resolve()), "data": str(root.resolve()), "backbone": checkpoint.backbone,
                 "weights": checkpoint.weights, "checkpoint": str(checkpoint_path(run).resolve()),
                 "temperature": round(checkpoint.temperature, 4), "test-time augmentation": predictor.tta,
@@ -79,8 +92,31 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
 
         gallery_section = error_gallery(predictor, manifest.paths, labels, probs, out_dir)
     operating_point = "## Operating point\n\n" + predictor.describe_operating_point()
+    leak = "## Overlap with the run's images\n\n" + metrics["overlap"]["summary"] + (
+        " (identical files by content hash; near copies, re-encoded or resized, by a perceptual hash)"
+        if overlap.get("checked") else "")
+    chosen = training_figures(checkpoint.metrics)
     write_report(out_dir, metrics, labels, probs, predictor.classes, title="xferlearn evaluation",
                  run_info=run_info, history_csv=history, intervals=intervals,
-                 extra_sections=[operating_point] + ([gallery_section] if gallery_section else []))
+                 extra_sections=[leak, operating_point] + ([chosen] if chosen else []) + ([gallery_section] if gallery_section else []))
     metrics["intervals"] = intervals
     return metrics
+
+
+def training_figures(metrics: dict) -> str | None:
+    """The figures the operating point was chosen on at training time (a held-out split, a
+    validation folder or out-of-fold predictions), with their intervals where stored."""
+    if not metrics or metrics.get("auc") is None:
+        return None
+    intervals = metrics.get("intervals") or {}
+
+    def cell(name):
+        value, interval = metrics.get(name), intervals.get(name)
+        if value is None:
+            return "undefined"
+        return f"{value:.4f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    rows = "\n".join(f"| {name} | {cell(name)} |" for name in ("auc", "accuracy", "sensitivity", "specificity"))
+    where = metrics.get("validation") or metrics.get("threshold_source", "")
+    return (f"## At training time (what the operating point was chosen on)\n\n{where}; n {metrics.get('n')}, "
+            f"95% bootstrap intervals.\n\n| metric | value |\n|---|---|\n{rows}")

@@ -3,8 +3,9 @@
 Conventions shared by the whole library:
 - `probs` is an (N, C) array of class probabilities; `y_true` an (N,) int array of indices
   into `classes`, the sorted class names.
-- Two classes: the positive class is the one named PNEUMONIA (any case) if present, else
-  index 1. A case is called positive when p_pos >= threshold.
+- Two classes: the positive class is the one the model was trained with (`--positive-class`,
+  stored in the checkpoint and passed here as `positive`); by default the one named PNEUMONIA
+  (any case) if present, else index 1. A case is called positive when p_pos >= threshold.
 - More than two classes: the prediction is the argmax and there is no threshold.
 
 Every number returned is a plain Python float or int, so a result goes straight into
@@ -28,18 +29,37 @@ POSITIVE_CLASS_NAME = "pneumonia"
 _BOOTSTRAP_CHUNK = 250
 
 
-def positive_index(classes: list[str]) -> int:
-    """Index of the positive class: PNEUMONIA (any case) where present, else 1."""
+def positive_index(classes: list[str], positive: int | None = None) -> int:
+    """Index of the positive class: `positive` where given (the checkpoint's), else PNEUMONIA
+    (any case) where present, else 1."""
     if len(classes) < 2:
         raise XferlearnError(f"need at least two classes to evaluate, got {list(classes)}")
+    if positive is not None:
+        return int(positive)
     for index, name in enumerate(classes):
         if str(name).lower() == POSITIVE_CLASS_NAME:
             return index
     return 1
 
 
+def named_positive_index(classes: list[str], name: str | None) -> int | None:
+    """`--positive-class NAME` as an index (None: the default rule; None for multi-class)."""
+    if len(classes) != 2:
+        if name is not None:
+            raise XferlearnError(f"--positive-class applies to two classes; these data have {len(classes)}: "
+                                 f"{', '.join(classes)}.")
+        return None
+    if name is None:
+        return positive_index(classes)
+    matches = [i for i, c in enumerate(classes) if c == name] or [i for i, c in enumerate(classes)
+                                                                  if c.lower() == str(name).lower()]
+    if len(matches) != 1:
+        raise XferlearnError(f"--positive-class {name!r} is not one of the classes: {', '.join(classes)}.")
+    return matches[0]
+
+
 def compute_metrics(y_true, probs, classes, threshold: float | None,
-                    threshold_source: str) -> dict:
+                    threshold_source: str, positive: int | None = None) -> dict:
     """All headline metrics, json-ready. See the module docstring for the conventions.
 
     For two classes a threshold of None means 0.5. For more, the threshold is ignored and
@@ -53,12 +73,12 @@ def compute_metrics(y_true, probs, classes, threshold: float | None,
         "classes": classes,
     }
     if len(classes) == 2:
-        return {**_binary_metrics(y, p, classes, threshold, threshold_source), **common}
+        return {**_binary_metrics(y, p, classes, threshold, threshold_source, positive), **common}
     return {**_multiclass_metrics(y, p, classes), **common}
 
 
-def _binary_metrics(y, p, classes, threshold, threshold_source) -> dict:
-    pos = positive_index(classes)
+def _binary_metrics(y, p, classes, threshold, threshold_source, positive=None) -> dict:
+    pos = positive_index(classes, positive)
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     is_pos, p_pos = y == pos, p[:, pos]
 
@@ -121,7 +141,7 @@ def _rates_from_confusion(matrix: np.ndarray, k: int) -> dict:
 
 
 def bootstrap_intervals(y_true, probs, classes, threshold, n_boot: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict:
+                        level: float = 0.95, positive: int | None = None) -> dict:
     """Percentile-bootstrap intervals for accuracy, AUC, sensitivity and specificity.
 
     Resampling is stratified by true class, so every resample keeps the class counts of the
@@ -140,7 +160,7 @@ def bootstrap_intervals(y_true, probs, classes, threshold, n_boot: int = 1000, s
     rng = np.random.default_rng(seed)
     n_classes = len(classes)
     if n_classes == 2:
-        pos = positive_index(classes)
+        pos = positive_index(classes, positive)
         thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         # As one-vs-rest for the positive class only: the binary metrics are about it.
         truth = [y == pos]

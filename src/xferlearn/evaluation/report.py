@@ -118,7 +118,9 @@ def _roc_figure(y: np.ndarray, p: np.ndarray, classes: list[str], metrics: dict)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
     if len(classes) == 2:
-        pos = positive_index(classes)
+        # The run's positive class, as the metrics were computed for it.
+        pos = classes.index(metrics["positive_class"]) if metrics.get("positive_class") in classes \
+            else positive_index(classes)
         is_pos = y == pos
         if is_pos.all() or not is_pos.any():
             _say_undefined(ax, "ROC undefined: only one class in the data")

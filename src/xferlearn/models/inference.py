@@ -51,6 +51,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def import_compiler_quietly() -> None:
+    """Inductor imports torch.utils.cpp_extension on the first compiled call, and on a machine
+    with a CUDA toolkit but no GPU that import logs "No CUDA runtime is found" (once, at
+    import): nothing a user acts on. Imported here with that one logger raised to ERROR for
+    the import alone, so the message never reaches the user and the logger is left as it was."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
 def should_compile(compile: str | bool, n_images: int | None) -> bool:
     if isinstance(compile, bool):
         return compile
@@ -114,6 +128,7 @@ class FastForward:
             module = NormalizedInput(module, *normalize, self.input_dtype()).to(self.device)
         self.compiled = should_compile(compile, n_images)
         if self.compiled:
+            import_compiler_quietly()
             # Freezing folds BatchNorm and constants into the kernels; passed per compile, not set
             # process-wide in inductor's config (which would change every other compile too).
             module = torch.compile(module, dynamic=False, options={"freezing": True})

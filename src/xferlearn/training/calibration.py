@@ -24,7 +24,7 @@ from ..models.predictor import Predictor
 
 
 def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], positive: int | None,
-                    config: TrainConfig, view_logits: np.ndarray | None = None):
+                    config: TrainConfig, view_logits: np.ndarray | None = None, data: str = "validation split"):
     """Temperature, operating point and validation metrics, all from the validation split alone.
 
     The temperature is fitted on the clean images' logits; with `view_logits` (V, N, C), the
@@ -36,9 +36,9 @@ def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str
     else:
         probs = np.mean([apply_temperature(v, temperature) for v in view_logits], axis=0)
     point = choose_operating_point(val_y, probs, positive, config.threshold, config.target_sensitivity,
-                                   data="validation split", n=len(val_y), when="training",
+                                   data=data, n=len(val_y), when="training",
                                    tta_views=0 if view_logits is None else len(view_logits))
-    metrics = compute_metrics(val_y, probs, classes, point.value, point.describe())
+    metrics = compute_metrics(val_y, probs, classes, point.value, point.describe(), positive)
     return temperature, point, metrics, probs
 
 
@@ -53,7 +53,7 @@ def validation_view_logits(checkpoint: Checkpoint, manifest: Manifest, val_idx, 
 
 
 def calibrate(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: DecodeCache, config: TrainConfig,
-              val_logits: np.ndarray | None = None) -> np.ndarray:
+              val_logits: np.ndarray | None = None, data: str = "validation split") -> np.ndarray:
     """Set the checkpoint's temperature, operating point and validation metrics from the
     validation split; return the validation probabilities they were chosen on. The clean
     logits are computed through the trained network unless given (the linear recipe's head
@@ -65,7 +65,7 @@ def calibrate(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: Decode
         val_logits = view_logits[0]
     positive = checkpoint.positive_index
     temperature, point, metrics, val_probs = operating_point(
-        val_logits, val_y, manifest.classes, positive, config, view_logits if config.tta else None)
+        val_logits, val_y, manifest.classes, positive, config, view_logits if config.tta else None, data)
     if config.tta:  # what TTA bought, each side at its own validation threshold
         *_, without, _ = operating_point(val_logits, val_y, manifest.classes, positive, config)
         metrics["without_tta"] = {key: without[key] for key in ("auc", "accuracy", "sensitivity", "specificity",

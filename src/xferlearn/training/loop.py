@@ -44,6 +44,8 @@ def quiet_lightning():
         # Frozen layers (and, by policy, BatchNorm) are in eval mode on purpose in a fine-tune.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        # A refit for an epoch count chosen on out-of-fold predictions validates on nothing, by design.
+        warnings.filterwarnings("ignore", message=r".*validation_step.*no .*val_dataloader.*|.*Skipping val loop.*")
         try:
             yield
         finally:
@@ -55,11 +57,15 @@ class ClassifierModule(L.LightningModule):
     validation loss, accuracy and AUC logged each epoch for checkpoint selection."""
 
     def __init__(self, net: torch.nn.Module, classes: list[str], *, lr: float, weight_decay: float,
-                 epochs: int, class_weights: torch.Tensor | None = None):
+                 epochs: int, class_weights: torch.Tensor | None = None, positive: int | None = None,
+                 keep_logits: bool = False):
         super().__init__()
         self.net, self.classes = net, classes
         self.lr, self.weight_decay, self.epochs = lr, weight_decay, epochs
-        self.positive = positive_index(classes) if len(classes) == 2 else None
+        self.positive = (positive_index(classes) if positive is None else positive) if len(classes) == 2 else None
+        # keep_logits: every epoch's validation logits, for choosing the epoch count on
+        # out-of-fold predictions (training/crossfit.py).
+        self.epoch_logits: list[np.ndarray] | None = [] if keep_logits else None
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(len(classes)))
         self._val_logits, self._val_targets = [], []
 
@@ -80,6 +86,8 @@ class ClassifierModule(L.LightningModule):
     def on_validation_epoch_end(self):
         logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
+        if self.epoch_logits is not None:
+            self.epoch_logits.append(logits.detach().cpu().numpy())
         probs = logits.softmax(dim=1)
         if self.positive is not None:
             auc = binary_auroc(probs[:, self.positive], (targets == self.positive).long())
@@ -118,15 +126,17 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     """Lightning fit with best-by-validation-AUC selection and resumption from last.ckpt.
 
     A recipe with several fits names each `stage`: its checkpoints go to RUN/lightning/STAGE
-    and its log to RUN/logs/STAGE/metrics.csv (no stage: RUN/lightning, RUN/logs)."""
+    and its log to RUN/logs/STAGE/metrics.csv (no stage: RUN/lightning, RUN/logs). Without
+    `val_data` nothing is selected: the fit runs its epochs and keeps the last weights (an
+    epoch count chosen beforehand, on out-of-fold predictions)."""
     run = RunDir(run)
-    checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", monitor="val_auc", mode="max",
-                                  save_last=True)
+    checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", save_last=True,
+                                  **(dict(monitor="val_auc", mode="max") if val_data is not None else {}))
     last = run.lightning(stage) / "last.ckpt"
     history = run.history(stage)
     resume_from = str(last) if config.resume and last.exists() else None
     earlier = read_history(history) if resume_from else []
-    with quiet_lightning():  # the Trainer's construction chatters too (accelerators found, tips)
+    with quiet_lightning():  # the Trainer's start-up notices too ("GPU available: ...", tips)
         trainer = L.Trainer(max_epochs=max_epochs or config.epochs,
                             logger=CSVLogger(run.logs(), name=stage, version=""),
                             callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False,
@@ -136,7 +146,7 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
         trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
     if earlier:
         keep_earlier_history(history, earlier)
-    best_path = checkpoints.best_model_path
+    best_path = checkpoints.best_model_path if val_data is not None else ""
     if best_path:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)

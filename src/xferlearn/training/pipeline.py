@@ -1,7 +1,9 @@
 """`train()`: the whole job, from a folder to a checkpoint.
 
 1. build the backbone (a clear error now beats one after an hour of decoding);
-2. scan the folder, carve a patient-disjoint validation split, save it with the run;
+2. scan the folder and decide the validation: a provided validation folder large enough to
+   choose on; else, on small data, K-fold cross-fitting (crossfit.py); else a held-out split,
+   grouped by patient where file names carry one; save it with the run (with image hashes);
 3. fit with a recipe: `linear` (linear.py, the article's: frozen base, new softmax head, on
    features computed once per image and view), or `finetune` (finetune.py: that head,
    then the network unfrozen in stages);
@@ -16,17 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 
 from .._io import os_error, write_json
 from ..config import TrainConfig
-from ..data.folders import find_layout, save_split, scan, split_validation
+from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
+from ..data.folders import (Manifest, count_images, find_layout, folder_split, grouping, save_split, scan,
+                            split_validation, use_validation_folder)
+from ..data.phash import hashes
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
-from ..evaluation.metrics import positive_index
+from ..evaluation.metrics import bootstrap_intervals, named_positive_index
 from ..models.backbones import create_model, resolve
 from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
 from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
+from .crossfit import crossfit_head, crossfit_operating_point
 from .finetune import finetune
 from .linear import effective_prior, fit_head
 from .loop import console
@@ -52,12 +59,72 @@ def prepare_run(config: TrainConfig) -> RunDir:
     return run
 
 
+def choose_folds(config: TrainConfig, manifest: Manifest) -> int:
+    """0: choose on a held-out split; K: on K-fold out-of-fold predictions. Automatic unless
+    --cv K / --no-cv: cross-fitting when the held-out split would leave its smallest class
+    fewer than CV_BELOW_PER_CLASS images, for the linear recipe (the only one it is built for)."""
+    supported = config.recipe == "linear" and not config.tta
+    if config.cv is not None:
+        if config.cv and not supported:
+            raise XferlearnError("--cv works with --recipe linear without --tta; the finetune recipe and --tta "
+                                 "choose on a held-out split (pass --no-cv or leave --cv out).")
+        if not config.cv:
+            console.print("Cross-fitting off (--no-cv): choosing on a held-out split.")
+        return config.cv
+    counts = manifest.counts()
+    smallest = min(counts, key=counts.get)
+    expected = int(counts[smallest] * config.val_fraction)
+    if expected >= CV_BELOW_PER_CLASS:
+        return 0
+    if not supported:
+        console.print(f"Small data: a held-out split would hold about {expected} {smallest} images, but "
+                      f"{'--tta' if config.tta else 'the finetune recipe'} chooses on a held-out split "
+                      "(cross-fitting is built for the linear recipe only).")
+        return 0
+    console.print(f"Small data: a held-out split would hold about {expected} {smallest} images (fewer than "
+                  f"{CV_BELOW_PER_CLASS}), so epochs, temperature and threshold are chosen by {CV_FOLDS}-fold "
+                  "cross-fitting and the head is trained on every image (--no-cv to hold a split out).")
+    return CV_FOLDS
+
+
+def split(config: TrainConfig, layout, cache: DecodeCache):
+    """Scan the images and decide the validation: the provided folder, a held-out split, or
+    cross-fitting (K > 0). Returns the manifest, train and validation indices, how, and K."""
+    roots, use_folder = list(layout.train_roots), False
+    if layout.val_root is not None:
+        use_folder, why = use_validation_folder(count_images(layout.val_root, layout.classes), MIN_VAL_PER_CLASS)
+        if use_folder and config.cv:
+            use_folder, why = False, f"--cv {config.cv} asks for cross-fitting over every image"
+        roots.append(layout.val_root)
+    manifest = scan(roots, cache)
+    console.print(f"Scanned {len(manifest.samples)} images in {len(manifest.classes)} classes {manifest.counts()}; "
+                  f"{len(manifest.duplicates)} exact duplicates kept once, {len(manifest.unreadable)} unreadable.")
+    for path, reason in manifest.unreadable:
+        console.print(f"  unreadable: {path}: {reason}", highlight=False)
+    if use_folder:
+        train_idx, val_idx = folder_split(manifest, layout.val_root)
+        how = f"the validation folder {layout.val_root}: {why}"
+        console.print(f"Validation: {layout.val_root} ({len(val_idx)} images), as {why}.", highlight=False)
+        return manifest, train_idx, val_idx, how, 0
+    if layout.val_root is not None:
+        console.print(f"Validation folder {layout.val_root} pooled into train: {why}.", highlight=False)
+    k = choose_folds(config, manifest)
+    if k:
+        everything = np.arange(len(manifest.samples))
+        return manifest, everything, everything[:0], f"{k}-fold cross-fitting over every image, " \
+            f"stratified by class, {grouping(manifest)}, seed {config.seed}", k
+    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
+    console.print(f"Validation split: {len(val_idx)} images ({how}).")
+    return manifest, train_idx, val_idx, how, 0
+
+
 def train(config: TrainConfig | None = None, **options) -> TrainResult:
     """Train a classifier on a folder of class folders; see TrainConfig for the options."""
     config = config or TrainConfig(**options)
     started = time.perf_counter()
     L.seed_everything(config.seed, verbose=False)
-    layout = find_layout(config.data)
+    layout = find_layout(config.data, config.val)
+    positive = named_positive_index(layout.classes, config.positive_class)
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
                                                      config.image_size)
     arch = resolve(config.backbone)
@@ -65,29 +132,34 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
     config.save(run.config)
 
     cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
-    manifest = scan(layout.train_roots, cache)
-    console.print(f"Scanned {len(manifest.samples)} images in {len(manifest.classes)} classes {manifest.counts()}; "
-                  f"{len(manifest.duplicates)} exact duplicates kept once, {len(manifest.unreadable)} unreadable.")
-    for path, reason in manifest.unreadable:
-        console.print(f"  unreadable: {path}: {reason}", highlight=False)
-    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
-    save_split(run.split, manifest, train_idx, val_idx, how)
-    console.print(f"Validation split: {len(val_idx)} images ({how}).")
+    manifest, train_idx, val_idx, how, folds = split(config, layout, cache)
+    save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
 
-    if config.recipe == "finetune":
+    val_logits = None
+    if folds:
+        selection, oof_logits = crossfit_head(model, manifest, config, arch, weights_tag, preprocessing, run.root,
+                                              folds, positive)
+    elif config.recipe == "finetune":
         selection = finetune(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing, cache,
                              run.root)
-        val_logits = None
     else:
         selection, val_logits, _ = fit_head(model, manifest, train_idx, val_idx, config, arch, weights_tag,
-                                            preprocessing, cache, run.root)
+                                            preprocessing, cache, run.root, positive=positive)
     checkpoint = Checkpoint(arch=arch, backbone=config.backbone, weights=weights_tag,
-                            preprocessing=preprocessing, classes=manifest.classes,
-                            positive_index=positive_index(manifest.classes) if len(manifest.classes) == 2 else None,
+                            preprocessing=preprocessing, classes=manifest.classes, positive_index=positive,
                             operating_point=OperatingPoint("argmax"), state_dict=model.state_dict(),
                             config=config.to_dict(), tta=config.tta, image_size=config.image_size,
                             class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config))
-    val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits)
+    if folds:
+        (checkpoint.temperature, checkpoint.operating_point, checkpoint.metrics,
+         val_probs) = crossfit_operating_point(oof_logits, manifest, positive, config, folds)
+        val_idx = train_idx  # every image's out-of-fold prediction
+    else:
+        where = "validation folder" if how.startswith("the validation folder") else "validation split"
+        val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits, where)
+        checkpoint.metrics["intervals"] = bootstrap_intervals(manifest.labels[val_idx], val_probs, manifest.classes,
+                                                              checkpoint.threshold, positive=positive)
+        checkpoint.metrics["validation"] = how
     metrics = checkpoint.metrics
     metrics["selection"] = selection
     write_validation_predictions(run.validation_predictions, manifest, val_idx, val_probs)
@@ -95,8 +167,17 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
     threshold, source = checkpoint.threshold, checkpoint.threshold_source
     seconds = time.perf_counter() - started
     write_json(run.validation_metrics, metrics)
-    console.print(f"Validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
-                  f"sensitivity {metrics['sensitivity']:.4f}, specificity {metrics['specificity']:.4f} "
-                  f"at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
-                  f"{seconds:.0f} s. Checkpoint: {path}")
+    console.print(f"{'Cross-validated' if folds else 'Validation'} (n {metrics['n']}, 95% intervals): "
+                  + ", ".join(f"{name} {figure(metrics, name)}" for name in ("auc", "accuracy", "sensitivity",
+                                                                            "specificity"))
+                  + f" at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
+                  f"{seconds:.0f} s. Checkpoint: {path}", highlight=False)
     return TrainResult(run.root, path, metrics, seconds)
+
+
+def figure(metrics: dict, name: str) -> str:
+    """`0.9512 [0.92, 0.98]`: a metric with its bootstrap interval where there is one."""
+    value, interval = metrics.get(name), (metrics.get("intervals") or {}).get(name)
+    if value is None:
+        return "undefined"
+    return f"{value:.4f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval and None not in interval else "")

@@ -1,0 +1,50 @@
+"""Perceptual hashes find re-encoded and resized copies, and only those."""
+
+import io
+
+import numpy as np
+from conftest import synthetic_image
+from PIL import Image
+
+from xferlearn.data.images import DecodeCache, decode
+from xferlearn.data.phash import MAX_DISTANCE, dhash, hashes, near_matches
+
+
+def _bits(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def _photo(seed: int, size: int = 160) -> Image.Image:
+    """A textured colour picture (smooth noise), unlike the synthetic X-rays."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _decoded(image: Image.Image, fmt: str = "JPEG", **save) -> np.ndarray:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return decode(buffer.getvalue(), 64)
+
+
+def test_reencoded_and_resized_copies_stay_close_and_others_do_not():
+    for seed in range(5):
+        original = _photo(seed)
+        h = dhash(_decoded(original, quality=95))
+        assert _bits(h, dhash(_decoded(original, "PNG"))) <= MAX_DISTANCE
+        assert _bits(h, dhash(_decoded(original.resize((97, 97)), quality=60))) <= MAX_DISTANCE
+        assert _bits(h, dhash(_decoded(_photo(seed + 100), quality=95))) > MAX_DISTANCE
+    assert len(dhash(np.zeros((32, 32), np.uint8))) == 16
+
+
+def test_near_matches_and_hashes_through_the_cache(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.jpeg")
+        synthetic_image(i % 2, i, size=64).save(paths[-1], quality=95)
+    found = hashes(paths, [None] * 3, DecodeCache(tmp_path / "cache", 64))
+    assert len(found) == 3 and all(len(h) == 16 for h in found)
+    flipped = f"{int(found[0], 16) ^ 0b111:016x}"  # 3 bits away: a near copy
+    far = f"{int(found[0], 16) ^ (2**40 - 1):016x}"  # 40 bits away
+    assert near_matches([flipped, far], [found[0]]).tolist() == [True, False]
+    assert near_matches([], found).tolist() == [] and near_matches(found, []).tolist() == [False] * 3

@@ -1,0 +1,75 @@
+"""The command line explains itself: help on every flag, allowed values, --no- forms, examples."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+import xferlearn
+from xferlearn import config
+from xferlearn.cli import build_parser, main
+
+
+def _subcommands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_flag_of_every_subcommand_has_help():
+    parser, commands = _subcommands()
+    assert set(commands) >= {"train", "evaluate", "predict", "backbones", "serve", "explain", "export"}
+    for name, command in [("xferlearn", parser), *commands.items()]:
+        for action in command._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, label
+            if action.choices and action.option_strings:
+                assert all(str(choice) in action.help for choice in action.choices), f"{label}: allowed values"
+        if name != "xferlearn":
+            assert command.epilog and "xferlearn " in command.epilog, f"{name}: examples in the epilog"
+
+
+def test_booleans_have_no_forms():
+    _, commands = _subcommands()
+    for name, command in commands.items():
+        for action in command._actions:
+            assert not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)), \
+                f"{name} {action.option_strings}: use BooleanOptionalAction"
+            if isinstance(action, argparse.BooleanOptionalAction):
+                assert any(o.startswith("--no-") for o in action.option_strings)
+    train = commands["train"].parse_args(["d", "--tta", "--no-resume", "--no-cv"])
+    assert train.tta is True and train.resume is False and train.cv == 0
+    assert commands["train"].parse_args(["d", "--cv", "3"]).cv == 3
+    assert commands["evaluate"].parse_args(["r", "d", "--no-gallery", "--strict"]).gallery is False
+
+
+def test_train_choices_come_from_config():
+    _, commands = _subcommands()
+    by_dest = {a.dest: a for a in commands["train"]._actions}
+    for dest, allowed in (("recipe", config.RECIPES), ("threshold", config.THRESHOLDS),
+                          ("augment", config.AUGMENT_PRESETS), ("bn_policy", config.BN_POLICIES)):
+        assert by_dest[dest].metavar == "{" + ",".join(allowed) + "}"
+        assert "one of: " + ", ".join(allowed) in by_dest[dest].help
+    assert str(config.MIN_VAL_PER_CLASS) in commands["train"].format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"xferlearn {xferlearn.__version__}"
+
+
+def test_compiler_import_says_nothing():
+    """torch.utils.cpp_extension logs "No CUDA runtime is found" at import on a machine with a CUDA
+    toolkit and no GPU; the compile path imports it with that logger raised."""
+    code = ("import logging; logging.basicConfig(level=logging.WARNING); "
+            "from xferlearn.models.inference import import_compiler_quietly; import_compiler_quietly(); "
+            "import logging as l; assert l.getLogger('torch.utils.cpp_extension').level == 0")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local")})
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA runtime" not in result.stderr

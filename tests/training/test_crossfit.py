@@ -1,0 +1,104 @@
+"""Small data: cross-fitting chooses; validation folders are respected; --positive-class."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY, make_folder, synthetic_image
+
+import xferlearn
+from xferlearn.errors import XferlearnError
+from xferlearn.models.checkpoint import load_checkpoint
+from xferlearn.training.crossfit import choose_epoch
+
+
+def _said(capsys) -> str:
+    """What the run printed, with rich's line wrapping undone."""
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_small_data_is_cross_fitted_then_refitted_on_every_image(tmp_path, capsys):
+    data = make_folder(tmp_path / "d", classes=("ants", "bees"), per_class=12, patients=False)
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**TINY, "cv": None})
+    log = _said(capsys)
+    assert "5-fold cross-fitting" in log and "patient" not in log
+    checkpoint = load_checkpoint(result.run_dir)
+    point = checkpoint.operating_point
+    assert point.data == "out-of-fold predictions (5-fold cross-fitting)" and point.n == 24
+    metrics = checkpoint.metrics
+    assert metrics["n"] == 24 and set(metrics["intervals"]) >= {"auc", "accuracy"}
+    assert 1 <= metrics["selection"]["chosen_epochs"] <= TINY["epochs"]
+    split = json.loads((result.run_dir / "split.json").read_text())
+    assert len(split["train"]) == 24 and split["val"] == [] and len(split["train"][0]["phash"]) == 16
+    with open(result.run_dir / "validation_predictions.csv") as rows:
+        assert len(list(csv.DictReader(rows))) == 24  # every image, out of fold
+    assert (result.run_dir / "logs" / "cv" / "fold5" / "metrics.csv").exists()
+
+
+def test_cross_fitting_groups_by_patient_where_there_are_patients(tmp_path, capsys):
+    data = make_folder(tmp_path / "d", per_class=12)
+    xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**TINY, "cv": 3})
+    assert "3 folds (grouped by patient (24 of 24 files carry a patient id))" in _said(capsys)
+
+
+def test_no_cv_and_finetune_hold_a_split_out(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=12)
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **TINY)  # cv=0
+    assert load_checkpoint(result.run_dir).operating_point.data == "validation split"
+    with pytest.raises(XferlearnError, match="--cv works with --recipe linear"):
+        xferlearn.train(data=str(data), out=str(tmp_path / "f"), **{**TINY, "cv": 5, "recipe": "finetune"})
+    with pytest.raises(XferlearnError, match="--cv takes a number of folds"):
+        xferlearn.train(data=str(data), out=str(tmp_path / "g"), **{**TINY, "cv": 1})
+
+
+def test_epoch_is_chosen_on_out_of_fold_auc_then_loss():
+    y = np.array([0, 0, 1, 1])
+    bad = np.array([[0, 1], [1, 0], [1, 0], [0, 1]], float)   # AUC 0.5
+    good = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], float)  # AUC 1, confident
+    timid = good * 0.1                                        # AUC 1, higher log loss
+    best, aucs = choose_epoch(np.stack([bad, timid, good]), y, positive=1)
+    assert best == 2 and aucs == [0.5, 1.0, 1.0]
+
+
+def _root_with_val(tmp_path, per_class_val: int):
+    root = tmp_path / "root"
+    make_folder(root / "train", classes=("ants", "bees"), per_class=12, patients=False)
+    for label, name in enumerate(("ants", "bees")):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(per_class_val):
+            synthetic_image(label, 200 + i).save(root / "val" / name / f"v{i}.png")
+    return root
+
+
+def test_a_large_enough_val_folder_is_the_validation_split(tmp_path, capsys):
+    root = _root_with_val(tmp_path, 20)
+    result = xferlearn.train(data=str(root), out=str(tmp_path / "r"), **{**TINY, "cv": None})
+    assert "Validation: " in _said(capsys)
+    checkpoint = load_checkpoint(result.run_dir)
+    assert checkpoint.operating_point.n == 40 and checkpoint.metrics["n"] == 40
+    assert checkpoint.operating_point.data == "validation folder"
+    split = json.loads((result.run_dir / "split.json").read_text())
+    assert len(split["train"]) == 24 and all("/val/" in s["path"] for s in split["val"])
+    assert "validation folder" in split["how"]
+
+
+def test_a_small_val_folder_is_pooled_into_train(tmp_path, capsys):
+    root = _root_with_val(tmp_path, 3)
+    result = xferlearn.train(data=str(root), out=str(tmp_path / "r"), **TINY)
+    assert "pooled into train: ants has 3 images there, fewer than the 20" in _said(capsys)
+    split = json.loads((result.run_dir / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 30
+
+
+def test_positive_class_is_saved_and_used(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=12)
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), positive_class="normal", **TINY)
+    checkpoint = load_checkpoint(result.run_dir)
+    assert checkpoint.positive_class == "NORMAL" and checkpoint.metrics["positive_class"] == "NORMAL"
+    metrics = xferlearn.evaluate(result.run_dir, data, out=tmp_path / "e", gallery=False, n_boot=20)
+    assert metrics["positive_class"] == "NORMAL"
+    assert metrics["sensitivity"] == pytest.approx(
+        metrics["confusion_matrix"][0][0] / sum(metrics["confusion_matrix"][0]))
+    with pytest.raises(XferlearnError, match="'cats' is not one of the classes: NORMAL, PNEUMONIA"):
+        xferlearn.train(data=str(data), out=str(tmp_path / "x"), positive_class="cats", **TINY)
