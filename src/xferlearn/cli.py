@@ -17,6 +17,15 @@ from .errors import XferlearnError
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
 _HIDDEN = {"data"}
+# What a train flag means, where its name does not say it (the rest show their default only).
+_HELP = {
+    "group_by": "hold out whole acquisition groups: a regular expression on file names whose first capture "
+                "group (or whole match) names the group, e.g. '^(NORMAL2|IM|person)'",
+    "groups": "hold out whole acquisition groups named in a CSV with columns file,group "
+              "(file: a name, or a path relative to DATA)",
+    "val_groups": "comma-separated groups to validate on (with --group-by or --groups); "
+                  "unset: about --val-fraction of the groups, drawn as a grouped fold",
+}
 
 
 def _flag(name: str) -> str:
@@ -37,7 +46,8 @@ def add_train(commands) -> None:
             parser.add_argument(_flag(f.name), action="store_true", help=f"(default: {default})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(_flag(f.name), type=kind, default=default, help=f"(default: {default})")
+            text = (_HELP[f.name] + " " if f.name in _HELP else "") + f"(default: {default})"
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=text)
     parser.set_defaults(func=run_train)
 
 

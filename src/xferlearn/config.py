@@ -43,6 +43,9 @@ class TrainConfig:
     views: int = 1                    # augmented views per training image, beside the clean one
     augment: str | None = None        # an augment.py preset; None: the recipe's (DEFAULT_AUGMENT)
     val_fraction: float = 0.2
+    group_by: str | None = None       # a regex on file names: its first group (or match) is the acquisition group
+    groups: str | None = None         # a CSV with columns file,group (instead of --group-by)
+    val_groups: str | None = None     # comma-separated groups to validate on; None: a grouped fold is drawn
     imbalance: str = "weights"        # none | weights (class-weighted loss) | sampler (balanced batches)
     threshold: str = "youden"         # how the decision threshold is picked on validation
     target_sensitivity: float | None = None
@@ -94,6 +97,9 @@ class TrainConfig:
             self.threshold = "target_sensitivity"
         need(self.threshold != "target_sensitivity" or self.target_sensitivity is not None,
              "--threshold target_sensitivity needs --target-sensitivity, e.g. 0.97.")
+        need(not (self.group_by and self.groups), "give either --group-by or --groups, not both.")
+        need(not self.val_groups or bool(self.group_by or self.groups),
+             "--val-groups names groups: give --group-by REGEX or --groups CSV to define them.")
         self.stage_depths()  # raises on a malformed --stages
         need(self.finetune_epochs >= 1, "--finetune-epochs must be at least 1.")
         need(self.finetune_batch_size >= 2, "--finetune-batch-size must be at least 2.")
@@ -102,6 +108,11 @@ class TrainConfig:
         need(self.bn_policy in BN_POLICIES, f"--bn-policy must be one of {BN_POLICIES}, not {self.bn_policy!r}.")
         need(0 <= self.ema < 1, "--ema is a decay in [0, 1), e.g. 0.998; 0 turns the average off.")
         need(self.patience >= 1, "--patience must be at least 1.")
+
+    def val_group_list(self) -> list[str] | None:
+        """--val-groups as a list of names (None where not given)."""
+        names = [name.strip() for name in str(self.val_groups or "").split(",") if name.strip()]
+        return names or None
 
     def stage_depths(self) -> list[int | None]:
         """--stages as numbers of layer groups below the head, one per stage; None: all of them."""

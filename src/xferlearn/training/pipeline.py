@@ -70,7 +70,8 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
                   f"{len(manifest.duplicates)} exact duplicates kept once, {len(manifest.unreadable)} unreadable.")
     for path, reason in manifest.unreadable:
         console.print(f"  unreadable: {path}: {reason}", highlight=False)
-    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
+    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed, group_by=config.group_by,
+                                                 groups_csv=config.groups, val_groups=config.val_group_list())
     save_split(run.split, manifest, train_idx, val_idx, how)
     console.print(f"Validation split: {len(val_idx)} images ({how}).")
 
