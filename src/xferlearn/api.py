@@ -95,3 +95,12 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, **options)
     from .deploy.serve import serve as run_service
 
     run_service(run, host=host, port=port, **options)
+
+
+def calibrate(run: str | Path, site_data: str | Path, out: str | Path, **options) -> dict:
+    """Re-choose `run`'s temperature and threshold (and with prior=True, its class prior) on a
+    labelled sample from a new site; write the result as the new run `out`. Options as
+    `training.site.calibrate_site` (prior, threshold, target_sensitivity, n_boot)."""
+    from .training.site import calibrate_site
+
+    return calibrate_site(run, site_data, out, **options)

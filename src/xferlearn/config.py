@@ -19,7 +19,7 @@ THRESHOLDS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
 COMPILE_MODES = ("auto", "on", "off")
-AUGMENT_PRESETS = ("article", "xray", "none")  # defined in data/augment.py (train_transform)
+AUGMENT_PRESETS = ("article", "xray", "robust", "none")  # defined in data/augment.py (train_transform)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
 # `--help`, the checks and the code that acts on them share one definition.
 ENGINES = ("torch", "onnx", "onnx-int8")

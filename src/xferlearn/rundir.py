@@ -11,6 +11,7 @@
     RUN/export/                      ONNX / TorchScript exports and their model.json
     RUN/metrics.json, report.md, *.png, gallery/   the latest `evaluate`
     RUN/stress/                      the latest `stress` test
+    RUN/calibration.json             where `xferlearn calibrate` re-chose the operating point, and what changed
 
 Every command finds its files through `RunDir`; none spells a file name itself.
 """
@@ -61,6 +62,10 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.root / "export"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
 
     @property
     def stress(self) -> Path:
