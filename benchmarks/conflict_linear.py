@@ -1,6 +1,6 @@
 """Score `--recipe linear` runs on a held-out folder from cached frozen features, and compare threshold rules.
 
-    python3 benchmarks/conflict_linear.py SPLIT/val RUN [RUN ...] [--shift-preset robust --shift-views 2]
+    python3 benchmarks/conflict_linear.py SPLIT/val RUN [RUN ...] [--shift-preset robust --shift-views 1]
 
 A linear run is its frozen backbone plus the trained head, so its probabilities on a folder
 are head(features) / temperature: the features are computed once per image (in the shared
@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--shift-preset", default="robust")
-    parser.add_argument("--shift-views", type=int, default=2)
+    parser.add_argument("--shift-views", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     rows, folder_probs, val_probs = [], [], []
