@@ -1,6 +1,5 @@
 """Holding out whole acquisition groups (--group-by, --groups, --val-groups)."""
 
-import numpy as np
 import pytest
 from conftest import synthetic_image
 
