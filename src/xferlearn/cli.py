@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, TrainConfig
+from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, THRESHOLDS, TrainConfig
 from .errors import XferlearnError
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
@@ -305,7 +305,55 @@ def run_demo(args) -> int:
     return 0
 
 
-COMMANDS = [add_demo, add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export]
+def add_calibrate(commands) -> None:
+    parser = commands.add_parser(
+        "calibrate", help="re-choose a run's threshold and temperature on a labelled sample from a new site",
+        description="Re-fit the temperature and re-choose the decision threshold of RUN on SITE_DATA (a folder of "
+                    "class folders, at least 20 images a class), without training the network; write the result "
+                    "as a new run folder --out that predict, evaluate, export and serve use as is. Judge it with "
+                    "`xferlearn evaluate` on OTHER images of the site: the figures printed here are on the "
+                    "sample the threshold was chosen on.")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
+    parser.add_argument("site_data", help="a labelled sample from the site: one subfolder per class, as in training")
+    parser.add_argument("--out", required=True, help="the new run folder to write (must not hold a model yet)")
+    parser.add_argument("--prior", action="store_true",
+                        help="also make the probabilities refer to the sample's class balance (folded into the "
+                             "classifier's bias; use only if the sample's balance is the site's) (default: off)")
+    parser.add_argument("--threshold", choices=THRESHOLDS,
+                        help="the rule that picks the threshold (default: the run's own rule)")
+    parser.add_argument("--target-sensitivity", type=float,
+                        help="with --threshold target_sensitivity: the sensitivity to reach, e.g. 0.95")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the threshold's 95%% interval (default: 1000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
+    parser.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args) -> int:
+    from .training.site import calibrate_site
+
+    if args.bootstrap < 1:
+        raise XferlearnError(f"--bootstrap must be at least 1, not {args.bootstrap}.")
+    record = calibrate_site(args.run, args.site_data, args.out, prior=args.prior, threshold=args.threshold,
+                            target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
+                            batch_size=args.batch_size)
+    after, before, sample = record["after"], record["before"], record["on_sample_after"]
+    print(f"calibrated on {sum(record['counts'].values())} images {record['counts']} from {record['site_data']}")
+    print(f"temperature {before['temperature']:.3f} -> {after['temperature']:.3f}")
+    if after["threshold"] is not None:
+        low, high = after["operating_point"]["interval"]
+        old = record["on_sample_before"]
+        print(f"threshold {before['threshold']:.4f} -> {after['threshold']:.4f} "
+              f"(bootstrap 95% interval {low:.4f} to {high:.4f})")
+        print(f"on the sample (optimistic: chosen on it): sensitivity {old['sensitivity']:.4f} -> "
+              f"{sample['sensitivity']:.4f}, specificity {old['specificity']:.4f} -> {sample['specificity']:.4f}")
+    print(f"new run: {args.out} (evaluate it on other images of the site)")
+    return 0
+
+
+
+COMMANDS = [add_demo, add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export,
+            add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

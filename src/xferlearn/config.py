@@ -19,7 +19,7 @@ THRESHOLDS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
 COMPILE_MODES = ("auto", "on", "off")
-AUGMENT_PRESETS = ("article", "xray", "none")  # defined in data/augment.py (train_transform)
+AUGMENT_PRESETS = ("article", "xray", "robust", "none")  # defined in data/augment.py (train_transform)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
 # `--help`, the checks and the code that acts on them share one definition.
 # auto (predict's and serve's default): onnx-int8 where the run's export holds an int8 model that
@@ -69,6 +69,13 @@ class TrainConfig:
                               f"holds train/); used when each class has >= {MIN_VAL_PER_CLASS} images, "
                               "pooled into train otherwise", metavar="DIR")
     val_fraction: float = _option(0.2, "share of train held out for validation when no validation folder is used")
+    group_by: str | None = _option(None, "hold out whole acquisition groups: a regex on file names whose first "
+                                   "capture group (or whole match) is the group, e.g. '^(NORMAL2|IM|person)'",
+                                   metavar="REGEX")
+    groups: str | None = _option(None, "a CSV with columns file,group naming each image's acquisition group "
+                                 "(instead of --group-by)", metavar="CSV")
+    val_groups: str | None = _option(None, "comma-separated groups to validate on (with --group-by or --groups); "
+                                     "default: a grouped fold is drawn", metavar="A,B")
     cv: int | None = _option(None, f"choose epochs, temperature and threshold on K-fold out-of-fold predictions "
                              f"(linear recipe); default: automatic, {CV_FOLDS} folds when the held-out split "
                              f"would have < {CV_BELOW_PER_CLASS} images in a class; --no-cv: never", metavar="K")
@@ -133,6 +140,9 @@ class TrainConfig:
             self.threshold = "target_sensitivity"
         need(self.threshold != "target_sensitivity" or self.target_sensitivity is not None,
              "--threshold target_sensitivity needs --target-sensitivity, e.g. 0.97.")
+        need(not (self.group_by and self.groups), "give either --group-by or --groups, not both.")
+        need(not self.val_groups or bool(self.group_by or self.groups),
+             "--val-groups names groups: give --group-by REGEX or --groups CSV to define them.")
         self.stage_depths()  # raises on a malformed --stages
         need(self.finetune_epochs >= 1, "--finetune-epochs must be at least 1.")
         need(self.finetune_batch_size >= 2, "--finetune-batch-size must be at least 2.")
@@ -143,6 +153,11 @@ class TrainConfig:
         need(self.patience >= 1, "--patience must be at least 1.")
         need(self.cv is None or self.cv == 0 or self.cv >= 2, f"--cv takes a number of folds of 2 or more "
              f"(e.g. {CV_FOLDS}); --no-cv turns cross-fitting off.")
+
+    def val_group_list(self) -> list[str] | None:
+        """--val-groups as a list of names (None where not given)."""
+        names = [name.strip() for name in str(self.val_groups or "").split(",") if name.strip()]
+        return names or None
 
     def stage_depths(self) -> list[int | None]:
         """--stages as numbers of layer groups below the head, one per stage; None: all of them."""

@@ -12,6 +12,7 @@
     RUN/metrics.json, report.md, *.png, gallery/   the latest `evaluate`
     RUN/stress/                      the latest `stress` test
     RUN/explanations/                Grad-CAM PNGs that `xferlearn demo` writes
+    RUN/calibration.json             where `xferlearn calibrate` re-chose the operating point, and what changed
 
 Every command finds its files through `RunDir`; none spells a file name itself.
 """
@@ -62,6 +63,10 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.root / "export"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
 
     @property
     def stress(self) -> Path:

@@ -240,15 +240,28 @@ def grouping(manifest: Manifest) -> str:
     return f"grouped by patient ({with_patient} of {len(manifest.samples)} files carry a patient id)"
 
 
-def split_validation(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+def split_validation(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0, *, group_by: str | None = None,
+                     groups_csv: str | None = None,
+                     val_groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Indices of (train, val) and a description of how they were made.
 
     Stratified by class, grouped by patient where file names carry one (else each file is
-    its own group), via scikit-learn's StratifiedGroupKFold with one fold held out.
+    its own group), via scikit-learn's StratifiedGroupKFold with one fold held out. With
+    `group_by` (a regex on file names) or `groups_csv`, whole acquisition groups are held
+    out instead (groups.py): `val_groups` names them, else a grouped fold is drawn.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels = manifest.labels
+    if group_by or groups_csv:
+        from .groups import assign_groups, split_by_groups
+
+        acquisition = assign_groups(manifest.paths, manifest.root, group_by, groups_csv)
+        train_idx, val_idx, how = split_by_groups(labels, acquisition, groups(manifest), val_groups, val_fraction,
+                                                  seed)
+        return train_idx, val_idx, how + "; exact duplicates removed before splitting"
+    if val_groups:
+        raise XferlearnError("--val-groups names groups: give --group-by REGEX or --groups CSV to define them.")
     n_splits = max(2, round(1 / val_fraction))
     if np.bincount(labels).min() < n_splits:
         raise XferlearnError(f"Too few images to carve a validation split: each class needs at least {n_splits} "

@@ -108,12 +108,14 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
         return manifest, train_idx, val_idx, how, 0
     if layout.val_root is not None:
         console.print(f"Validation folder {layout.val_root} pooled into train: {why}.", highlight=False)
-    k = choose_folds(config, manifest)
+    grouped = bool(config.group_by or config.groups)  # whole groups held out: the signal the user asked for
+    k = 0 if grouped and not config.cv else choose_folds(config, manifest)
     if k:
         everything = np.arange(len(manifest.samples))
         return manifest, everything, everything[:0], f"{k}-fold cross-fitting over every image, " \
             f"stratified by class, {grouping(manifest)}, seed {config.seed}", k
-    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
+    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed, group_by=config.group_by,
+                                               groups_csv=config.groups, val_groups=config.val_group_list())
     console.print(f"Validation split: {len(val_idx)} images ({how}).")
     return manifest, train_idx, val_idx, how, 0
 

@@ -1,0 +1,155 @@
+"""Site calibration: re-choose how a trained model decides, on a small labelled sample of a site.
+
+An operating point chosen on the training set's own validation split does not travel: at a
+new site the same network's probabilities shift (on the chest X-ray set, normal images from
+elsewhere score higher, and a validation threshold calls many of them pneumonia). With a few
+dozen labelled images per class from the site, this re-fits the temperature, re-chooses the
+threshold by the run's rule, and with `prior` folds the sample's class balance into the
+classifier's bias, without training the network. It writes a new run folder: the same
+weights with a new `OperatingPoint` (when="calibrate", with a bootstrap interval of the
+threshold), so predict, evaluate, export and serve use it as they use any run.
+
+The figures it prints on the sample are those of the data the threshold was chosen on: they
+are optimistic by construction. Judge the result with `evaluate` on other images of the site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import atomic_write, write_json
+from ..config import THRESHOLDS
+from ..data.folders import ImageDataset, scan
+from ..data.images import DecodeCache
+from ..errors import XferlearnError
+from ..evaluation.evaluate import evaluation_root
+from ..evaluation.metrics import compute_metrics
+from ..evaluation.thresholds import apply_temperature, choose_operating_point, fit_temperature
+from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..models.features import image_loader
+from ..models.predictor import Predictor
+from ..rundir import RunDir
+
+MIN_PER_CLASS = 20  # below this, a threshold chosen on the sample is mostly noise
+
+
+def site_logits(checkpoint: Checkpoint, manifest, cache: DecodeCache, batch_size: int = 32) -> np.ndarray:
+    """(V, N, C) logits of the sample through the network, over the TTA views where the run uses them."""
+    predictor = Predictor(checkpoint, precision="fp32")
+    dataset = ImageDataset(manifest.paths, manifest.digests, None, cache)
+    with torch.inference_mode():
+        return np.concatenate([predictor.view_logits(images).cpu().numpy()
+                               for images, _ in image_loader(dataset, batch_size)], axis=1)
+
+
+def threshold_interval(y, probs, positive, method, target, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap 95% interval of the threshold the rule picks: how far another sample
+    of the same size from the same site could move it (resampled within each class)."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    values = []
+    for _ in range(n_boot):
+        pick = np.concatenate([rng.choice(idx, len(idx)) for idx in by_class])
+        values.append(choose_operating_point(y[pick], probs[pick], positive, method, target).value)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def fold_prior(checkpoint: Checkpoint, site_prior: np.ndarray) -> None:
+    """Make the probabilities refer to the site's class prior: softmax(z / T) re-weighted by
+    site/old prior (Saerens et al., 2002) equals softmax((z + T log(site/old)) / T), so the
+    shift goes into the classifier's bias and every engine (export included) computes it."""
+    old = np.asarray(checkpoint.class_prior or [1 / len(site_prior)] * len(site_prior), dtype=float)
+    model = checkpoint.build_model()
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear) or head.bias is None:
+        raise XferlearnError(f"--prior needs a linear classifier with a bias; {checkpoint.arch}'s head is "
+                             f"{type(head).__name__}. Calibrate without --prior.")
+    with torch.no_grad():
+        head.bias += torch.from_numpy(checkpoint.temperature * np.log(site_prior / old)).to(head.bias)
+    checkpoint.state_dict = model.state_dict()
+    checkpoint.class_prior = site_prior.tolist()
+
+
+def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior: bool = False,
+                   threshold: str | None = None, target_sensitivity: float | None = None,
+                   n_boot: int = 1000, batch_size: int = 32, cache_dir: str | None = None,
+                   min_per_class: int = MIN_PER_CLASS) -> dict:
+    """Re-choose temperature, threshold (and with `prior`, the class prior) of `run` on the
+    labelled sample in `data`; write the re-calibrated run into `out`. Returns what was done."""
+    source = RunDir.of(run)
+    target = RunDir(out)
+    if target.checkpoint.exists():
+        raise XferlearnError(f"{target.root} already holds a model; choose another --out.")
+    if target.root.resolve() == source.root.resolve():
+        raise XferlearnError("--out must be a new folder: calibration never overwrites the run it starts from.")
+    checkpoint = load_checkpoint(run)
+    method = threshold or (checkpoint.operating_point.method if checkpoint.operating_point.method in THRESHOLDS
+                           else "youden")
+    target_sens = target_sensitivity if target_sensitivity is not None else checkpoint.operating_point.target
+    if target_sensitivity is not None:
+        method = "target_sensitivity"
+    if method not in THRESHOLDS:
+        raise XferlearnError(f"--threshold must be one of {THRESHOLDS}, not {method!r}.")
+    if method == "target_sensitivity" and target_sens is None:
+        raise XferlearnError("--threshold target_sensitivity needs --target-sensitivity, e.g. 0.95.")
+
+    root = evaluation_root(Path(data), checkpoint.classes)
+    pre = checkpoint.preprocessing
+    cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
+    manifest = scan(root, cache, classes=checkpoint.classes)
+    counts = manifest.counts()
+    small = {name: n for name, n in counts.items() if n < min_per_class}
+    if small:
+        raise XferlearnError(f"{root} is too small to calibrate on: {small} (each class needs at least "
+                             f"{min_per_class} labelled images).")
+    y = manifest.labels
+    logits = site_logits(checkpoint, manifest, cache, batch_size)
+    before = {"temperature": checkpoint.temperature, "threshold": checkpoint.threshold,
+              "operating_point": checkpoint.operating_point.to_dict(), "class_prior": checkpoint.class_prior}
+    old_probs = np.mean([apply_temperature(v, checkpoint.temperature) for v in logits], axis=0)
+    old_metrics = compute_metrics(y, old_probs, checkpoint.classes, checkpoint.threshold, "as trained")
+
+    checkpoint.temperature = fit_temperature(logits[0], y)
+    if prior:
+        site_prior = np.bincount(y, minlength=len(checkpoint.classes)) / len(y)
+        shift = checkpoint.temperature * np.log(site_prior / np.asarray(checkpoint.class_prior
+                                                                        or [1 / len(site_prior)] * len(site_prior)))
+        fold_prior(checkpoint, site_prior)
+        logits = logits + shift  # the same shift the bias now carries
+    probs = np.mean([apply_temperature(v, checkpoint.temperature) for v in logits], axis=0)
+    where = dict(data=f"site sample {root}", n=len(y), when="calibrate",
+                 tta_views=len(logits) if checkpoint.tta else 0)
+    point = choose_operating_point(y, probs, checkpoint.positive_index, method, target_sens, **where)
+    if checkpoint.positive_index is not None:
+        interval = threshold_interval(y, probs, checkpoint.positive_index, method, target_sens, n_boot)
+        point = replace(point, interval=interval)
+    checkpoint.operating_point = point
+    metrics = compute_metrics(y, probs, checkpoint.classes, point.value, point.describe())
+    record = {"source_run": str(source.root.resolve()), "site_data": str(root.resolve()), "counts": counts,
+              "prior": prior, "before": before, "on_sample_before": old_metrics,
+              "after": {"temperature": checkpoint.temperature, "threshold": point.value,
+                        "operating_point": point.to_dict(), "class_prior": checkpoint.class_prior},
+              "on_sample_after": metrics,
+              "caveat": "figures on the sample are those of the data the threshold was chosen on (optimistic); "
+                        "evaluate on other images of the site to judge it"}
+    checkpoint.metrics = {**checkpoint.metrics, "site_calibration": {k: record[k] for k in
+                                                                     ("site_data", "counts", "prior", "after")}}
+    _copy_run_files(source, target)
+    save_checkpoint(checkpoint, target.checkpoint)
+    write_json(target.calibration, record)
+    return record
+
+
+def _copy_run_files(source: RunDir, target: RunDir) -> None:
+    """The source run's record (config, split, validation figures, training curves) comes along,
+    so the new run is self-describing; exports are not copied (they carry the old threshold)."""
+    files = [source.config, source.split, source.validation_metrics, source.validation_predictions]
+    files += sorted(source.logs().rglob("metrics.csv")) if source.logs().is_dir() else []
+    for path in files:
+        if path.exists():
+            atomic_write(target.root / path.relative_to(source.root), path.read_bytes())
