@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, TrainConfig
+from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, FIELD_CHOICES, PRECISIONS, TrainConfig
 from .errors import XferlearnError
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
@@ -37,7 +37,9 @@ def add_train(commands) -> None:
             parser.add_argument(_flag(f.name), action="store_true", help=f"(default: {default})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(_flag(f.name), type=kind, default=default, help=f"(default: {default})")
+            choices = FIELD_CHOICES.get(f.name)
+            parser.add_argument(_flag(f.name), type=kind, default=default, choices=choices,
+                                help=f"{'one of ' + ', '.join(choices) + ' ' if choices else ''}(default: {default})")
     parser.set_defaults(func=run_train)
 
 

@@ -19,6 +19,11 @@ THRESHOLDS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
 COMPILE_MODES = ("auto", "on", "off")
+# Lightning's Trainer arguments of the same names (training/distributed.py). No fsdp: it shards a
+# model too big for one device, and these backbones (4-25 M parameters) fit any device whole,
+# where DDP's full replicas are faster; the head on cached features has nothing to shard.
+ACCELERATORS = ("auto", "cpu", "gpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
 AUGMENT_PRESETS = ("article", "xray", "none")  # defined in data/augment.py (train_transform)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
 # `--help`, the checks and the code that acts on them share one definition.
@@ -27,6 +32,8 @@ EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")  # onnx-int8 is derived fr
 # The augmentation each recipe uses unless --augment says otherwise (benchmarks/RESULTS.md has
 # the validation comparison behind the finetune choice).
 DEFAULT_AUGMENT = {"linear": "article", "finetune": "xray"}
+# TrainConfig fields with a fixed set of values: the CLI gives them `choices=`.
+FIELD_CHOICES = {"accelerator": ACCELERATORS, "strategy": STRATEGIES}
 
 
 @dataclass
@@ -64,6 +71,11 @@ class TrainConfig:
     bn_policy: str = "frozen"         # frozen: BatchNorm statistics never change; last_stage: they update there
     ema: float = 0.0                  # decay of an exponential moving average of the weights; 0: none
     patience: int = 2                 # epochs without a better validation AUC before a stage stops
+    # Scale (Lightning's Trainer arguments): processes = devices x num_nodes; batch sizes are global.
+    accelerator: str = "auto"         # auto | cpu | gpu; auto: a GPU where there is one (the head on CPU alone)
+    devices: int = 1                  # processes (GPUs or CPU processes) per node
+    num_nodes: int = 1                # machines (torchrun or SLURM starts the processes there)
+    strategy: str = "auto"            # auto (ddp when there are several processes) | ddp | ddp_spawn
 
     def __post_init__(self):
         self.validate()
@@ -102,6 +114,9 @@ class TrainConfig:
         need(self.bn_policy in BN_POLICIES, f"--bn-policy must be one of {BN_POLICIES}, not {self.bn_policy!r}.")
         need(0 <= self.ema < 1, "--ema is a decay in [0, 1), e.g. 0.998; 0 turns the average off.")
         need(self.patience >= 1, "--patience must be at least 1.")
+        need(self.accelerator in ACCELERATORS, f"--accelerator must be one of {ACCELERATORS}, not {self.accelerator!r}.")
+        need(self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, not {self.strategy!r}.")
+        need(self.devices >= 1 and self.num_nodes >= 1, "--devices and --num-nodes must be at least 1.")
 
     def stage_depths(self) -> list[int | None]:
         """--stages as numbers of layer groups below the head, one per stage; None: all of them."""

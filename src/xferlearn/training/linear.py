@@ -1,6 +1,7 @@
 """The `linear` recipe, the article's: a frozen base and a new softmax head.
 
-Features are computed once per image and view (models/features.py) and the head trains on
+Features are computed once per image and view (models/features.py), kept on disk
+(models/feature_store.py) and read from there a batch at a time, and the head trains on
 them through the shared loop in seconds. The head is trained on standardised features and
 the scaling folded back into its weights, so the saved model is a plain timm model.
 """
@@ -12,13 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.progress import Progress
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
 from ..data.folders import Manifest
 from ..data.images import DecodeCache
-from ..models.features import FeatureExtractor, FeatureStore, extract, feature_key, view_name
-from ..models.inference import default_device, resolve_precision
+from ..models.feature_store import FeatureRows, FeatureStore
+from ..models.features import FeatureExtractor, extract, feature_key, view_name
+from ..models.inference import resolve_precision
+from .distributed import (barrier, device, is_rank_zero, loader_workers, per_process_batch, rank, size,
+                          trainer_options)
 from .loop import ClassifierModule, class_weights, console, fit, train_loader
 
 
@@ -31,23 +35,48 @@ def effective_prior(y: np.ndarray, num_classes: int, config: TrainConfig) -> lis
     return [1.0 / num_classes] * num_classes
 
 
+class FeatureRowsDataset(Dataset):
+    """(standardised feature row, label) pairs read from the feature store a batch at a time
+    (`__getitems__`), so the head's epochs never hold the table in memory."""
+
+    def __init__(self, rows: FeatureRows, labels: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None):
+        self.rows, self.labels, self.mean, self.std = rows, labels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices):
+        x = self.rows.read(indices)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return list(zip(torch.from_numpy(x), torch.from_numpy(self.labels[np.asarray(indices)])))
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+
 def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str, weights_tag: str,
              preprocessing, cache: DecodeCache, run: Path, stage: str = ""):
-    """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone."""
-    precision = resolve_precision(config.precision, default_device())
+    """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone.
+    In a distributed run each process computes its share of the missing features."""
+    here = device(config)
+    precision = resolve_precision(config.precision, here)
     store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision), config.cache_dir)
-    paths, digests, labels = manifest.paths, manifest.digests, manifest.labels
-    pick = lambda idx: ([paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
+    digests, labels = manifest.digests, manifest.labels
+    pick = lambda idx: ([manifest.paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
     views = [(train_idx, v, config.augment) for v in range(config.views + 1)] + [(val_idx, 0, "none")]
-    to_compute = sum(store.count_missing(view_name(v, preset, config.seed), [digests[i] for i in idx])
-                     for idx, v, preset in views)
-    extractor = FeatureExtractor(model, preprocessing, precision, compile=config.compile, n_images=to_compute,
-                                 batch_size=config.batch_size_features)
-    kwargs = dict(store=store, batch_size=config.batch_size_features, workers=config.workers, seed=config.seed)
-    with Progress(console=console, transient=True) as progress:
-        *train_views, val_x = [extract(extractor, *pick(idx), cache, view=v, preset=preset, progress=progress,
-                                       **kwargs) for idx, v, preset in views]
-    train_x = np.concatenate(train_views)
+    names = [view_name(v, preset, config.seed) for _, v, preset in views]
+    to_compute = sum(len(store.missing(name, pick(idx)[1])) for name, (idx, _, _) in zip(names, views)) // size()
+    extractor = FeatureExtractor(model, preprocessing, precision, device=here, compile=config.compile,
+                                 n_images=to_compute, batch_size=config.batch_size_features)
+    kwargs = dict(batch_size=config.batch_size_features, workers=loader_workers(config), seed=config.seed,
+                  shard=(rank(), size()))
+    with Progress(console=console, transient=True, disable=not is_rank_zero()) as progress:
+        for idx, v, preset in views:
+            extract(extractor, *pick(idx), cache, store, view=v, preset=preset, progress=progress, **kwargs)
+    barrier()  # every process's part is written: the store is whole
+    *train_views, val_rows = [store.rows(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
+    train_rows = FeatureRows.concat(train_views)
     train_y = np.tile(labels[train_idx], config.views + 1)
     val_y = labels[val_idx]
 
@@ -56,7 +85,7 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
     # head's weights, so the saved model is a plain timm model with nothing added.
     head = model.get_classifier().train()  # the extractor put the whole model in eval mode
     # A floor on the scale: a feature nearly constant in training must not blow up on new images.
-    mean, std = train_x.mean(0), train_x.std(0)
+    mean, std = train_rows.mean_std()
     std = np.maximum(std, 0.1 * std.mean() + 1e-12)
     scale = isinstance(head, torch.nn.Linear)
     if scale:
@@ -65,20 +94,23 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
         # and a first epoch spent undoing it. A linear softmax head is convex: zero is a fine start.
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
-    standard = (lambda x: ((x - mean) / std).astype(np.float32)) if scale else (lambda x: x)  # noqa: E731
+    norm = (mean, std) if scale else (None, None)
     module = ClassifierModule(head, manifest.classes, lr=config.lr, weight_decay=config.weight_decay,
                               epochs=config.epochs,
                               class_weights=class_weights(train_y, len(manifest.classes))
                               if config.imbalance == "weights" else None)
-    val_loader = DataLoader(TensorDataset(torch.from_numpy(standard(val_x)), torch.from_numpy(val_y)), batch_size=1024)
-    train_data = TensorDataset(torch.from_numpy(standard(train_x)), torch.from_numpy(train_y))
-    best = fit(module, train_loader(train_data, train_y, config, len(manifest.classes), batch_size=config.batch_size),
+    val_loader = DataLoader(FeatureRowsDataset(val_rows, val_y, *norm), batch_size=1024)
+    train_data = FeatureRowsDataset(train_rows, train_y, *norm)
+    best = fit(module, train_loader(train_data, train_y, config, len(manifest.classes),
+                                    batch_size=per_process_batch(config.batch_size)),
                val_loader, config, run, stage=stage,
-               accelerator="cpu")  # a linear layer on cached features: a GPU would only add transfers
+               # one process: a linear layer on cached features on the CPU (a GPU would only add transfers)
+               **trainer_options(config, "cpu"))
     if scale:
         fold_standardisation(head, mean, std)
+    head = head.cpu().eval()
     with torch.inference_mode():
-        val_logits = head.eval()(torch.from_numpy(val_x)).numpy()
+        val_logits = np.concatenate([head(torch.from_numpy(x)).numpy() for x in val_rows.chunks()])
     return best, val_logits, val_y
 
 

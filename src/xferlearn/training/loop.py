@@ -3,7 +3,8 @@
 `ClassifierModule` trains a network (a head on cached features, or a whole network) with
 cross-entropy and logs validation loss, accuracy and AUC each epoch; `fit` runs Lightning
 with best-by-validation-AUC checkpoint selection and resumption from `last.ckpt`. Lightning
-runs the loop, so checkpoints, progress bars, bf16 and DDP come from it.
+runs the loop, so checkpoints, progress bars, bf16 and DDP come from it (the processes and
+Trainer arguments: distributed.py; validation is gathered across them before AUC).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_auro
 from ..config import TrainConfig
 from ..evaluation.metrics import positive_index
 from ..rundir import RunDir, read_history, write_history
+from .distributed import unpad_gathered
 
 console = Console(stderr=True)
 
@@ -69,7 +71,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y, weight=self.class_weights)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -80,13 +82,17 @@ class ClassifierModule(L.LightningModule):
     def on_validation_epoch_end(self):
         logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
+        if self.trainer.world_size > 1:  # every rank scores the whole validation set, each image once
+            n = len(self.trainer.val_dataloaders.dataset)
+            logits, targets = unpad_gathered(self.all_gather(logits), n), unpad_gathered(self.all_gather(targets), n)
         probs = logits.softmax(dim=1)
         if self.positive is not None:
             auc = binary_auroc(probs[:, self.positive], (targets == self.positive).long())
         else:
             auc = multiclass_auroc(probs, targets, num_classes=len(self.classes))
         self.log_dict({"val_loss": F.cross_entropy(logits, targets), "val_auc": auc,
-                       "val_acc": (probs.argmax(1) == targets).float().mean()}, prog_bar=True)
+                       "val_acc": (probs.argmax(1) == targets).float().mean()}, prog_bar=True,
+                      sync_dist=True)  # equal on every rank already: the mean changes nothing
 
     def configure_optimizers(self):
         # Adam as in the article, with decoupled weight decay and a cosine decay of the rate.
@@ -132,7 +138,8 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     earlier = read_history(history) if resume_from else []
     with quiet_lightning():
         trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
-    if earlier:
+    trainer.strategy.barrier()  # rank 0 has written the checkpoints every rank reads next
+    if earlier and trainer.is_global_zero:
         keep_earlier_history(history, earlier)
     best_path = checkpoints.best_model_path
     if best_path:

@@ -27,6 +27,7 @@ from ..models.backbones import create_model, resolve
 from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
 from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
+from .distributed import barrier, is_rank_zero, launch
 from .finetune import finetune
 from .linear import effective_prior, fit_head
 from .loop import console
@@ -53,25 +54,38 @@ def prepare_run(config: TrainConfig) -> RunDir:
 
 
 def train(config: TrainConfig | None = None, **options) -> TrainResult:
-    """Train a classifier on a folder of class folders; see TrainConfig for the options."""
-    config = config or TrainConfig(**options)
+    """Train a classifier on a folder of class folders; see TrainConfig for the options. With
+    several processes (--devices, --num-nodes) every one of them runs `train_here`."""
+    return launch(train_here, config or TrainConfig(**options))
+
+
+def train_here(config: TrainConfig) -> TrainResult:
+    """The whole job in this process (one of the run's processes); only rank 0 writes run files."""
     started = time.perf_counter()
+    console.quiet = console.quiet or not is_rank_zero()
     L.seed_everything(config.seed, verbose=False)
     layout = find_layout(config.data)
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
                                                      config.image_size)
     arch = resolve(config.backbone)
     run = prepare_run(config)
-    config.save(run.config)
+    barrier()  # every process has checked for a finished run before rank 0 may write one
+    if is_rank_zero():
+        config.save(run.config)
 
     cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
+    if not is_rank_zero():
+        barrier()  # rank 0 decodes into the shared cache first; the others then only read and hash
     manifest = scan(layout.train_roots, cache)
+    if is_rank_zero():
+        barrier()
     console.print(f"Scanned {len(manifest.samples)} images in {len(manifest.classes)} classes {manifest.counts()}; "
                   f"{len(manifest.duplicates)} exact duplicates kept once, {len(manifest.unreadable)} unreadable.")
     for path, reason in manifest.unreadable:
         console.print(f"  unreadable: {path}: {reason}", highlight=False)
     train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
-    save_split(run.split, manifest, train_idx, val_idx, how)
+    if is_rank_zero():
+        save_split(run.split, manifest, train_idx, val_idx, how)
     console.print(f"Validation split: {len(val_idx)} images ({how}).")
 
     if config.recipe == "finetune":
@@ -90,11 +104,13 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
     val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits)
     metrics = checkpoint.metrics
     metrics["selection"] = selection
-    write_validation_predictions(run.validation_predictions, manifest, val_idx, val_probs)
-    path = save_checkpoint(checkpoint, run.checkpoint)
+    path = run.checkpoint
+    if is_rank_zero():
+        write_validation_predictions(run.validation_predictions, manifest, val_idx, val_probs)
+        path = save_checkpoint(checkpoint, run.checkpoint)
+        write_json(run.validation_metrics, metrics)
     threshold, source = checkpoint.threshold, checkpoint.threshold_source
     seconds = time.perf_counter() - started
-    write_json(run.validation_metrics, metrics)
     console.print(f"Validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.4f}, "
                   f"sensitivity {metrics['sensitivity']:.4f}, specificity {metrics['specificity']:.4f} "
                   f"at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
