@@ -81,16 +81,18 @@ def view_name(view: int, preset: str, seed: int) -> str:
     return "clean" if view == 0 else f"{preset}-seed{seed}-view{view}"
 
 
-def extract(extractor: FeatureExtractor, paths, digests, cache: DecodeCache, store: FeatureStore, *,
-            view: int = 0, preset: str = "none", seed: int = 0, batch_size: int = 32, workers: int | None = None,
-            progress=None, shard: tuple[int, int] = (0, 1)) -> None:
-    """Compute into `store` the features of one view of the images it lacks, streamed to disk
-    batch by batch. With `shard` (rank, processes), only every processes-th of them from rank:
-    each process of a distributed run writes its own part (the caller waits for all of them
-    before reading `store.rows`)."""
+def extract(extractor: FeatureExtractor, paths, digests, cache: DecodeCache, store: FeatureStore,
+            missing: list[int] | None = None, *, view: int = 0, preset: str = "none", seed: int = 0,
+            batch_size: int = 32, workers: int | None = None, progress=None, shard: tuple[int, int] = (0, 1)) -> None:
+    """Compute into `store` the features of one view of the images it lacks (`missing`, as
+    `store.missing` listed them), streamed to disk batch by batch. With `shard` (rank,
+    processes), only every processes-th of them from rank: each process of a distributed run
+    writes its own part. The processes must list `missing` before any of them writes, and
+    wait for all of them before reading `store.rows`."""
     name = view_name(view, preset, seed)
     rank, processes = shard
-    mine = store.missing(name, digests)[rank::processes]
+    missing = store.missing(name, digests) if missing is None else missing
+    mine = missing[rank::processes]
     if not mine:
         return
     transform = train_transform(preset) if view else None

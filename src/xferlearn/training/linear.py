@@ -66,14 +66,16 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
     pick = lambda idx: ([manifest.paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
     views = [(train_idx, v, config.augment) for v in range(config.views + 1)] + [(val_idx, 0, "none")]
     names = [view_name(v, preset, config.seed) for _, v, preset in views]
-    to_compute = sum(len(store.missing(name, pick(idx)[1])) for name, (idx, _, _) in zip(names, views)) // size()
+    missing = [store.missing(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
+    barrier()  # every process has listed what is missing before any of them adds to the store
+    to_compute = sum(map(len, missing)) // size()
     extractor = FeatureExtractor(model, preprocessing, precision, device=here, compile=config.compile,
                                  n_images=to_compute, batch_size=config.batch_size_features)
     kwargs = dict(batch_size=config.batch_size_features, workers=loader_workers(config), seed=config.seed,
                   shard=(rank(), size()))
     with Progress(console=console, transient=True, disable=not is_rank_zero()) as progress:
-        for idx, v, preset in views:
-            extract(extractor, *pick(idx), cache, store, view=v, preset=preset, progress=progress, **kwargs)
+        for (idx, v, preset), todo in zip(views, missing):
+            extract(extractor, *pick(idx), cache, store, todo, view=v, preset=preset, progress=progress, **kwargs)
     barrier()  # every process's part is written: the store is whole
     *train_views, val_rows = [store.rows(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
     train_rows = FeatureRows.concat(train_views)
