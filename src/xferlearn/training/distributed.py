@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
+from ..errors import XferlearnError
 
 
 def world_size(config: TrainConfig) -> int:
@@ -96,6 +97,9 @@ def loader_workers(config: TrainConfig) -> int | None:
 
 def device(config: TrainConfig) -> torch.device:
     """This process's device: its own GPU by local rank, or the CPU."""
+    if config.accelerator == "gpu" and not torch.cuda.is_available():
+        raise XferlearnError("--accelerator gpu needs a CUDA GPU and this machine shows none; "
+                             "use --accelerator cpu (or auto).")
     if config.accelerator == "gpu" or (config.accelerator == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -135,7 +139,6 @@ def launch(function, config: TrainConfig):
     if config.strategy == "ddp_spawn":
         return fabric.launch(_in_spawned_process, function, config)
     fabric.launch()
-    try:
-        return function(config)
-    finally:
-        barrier()  # no process leaves (and tears the group down) while another still works
+    result = function(config)
+    barrier()  # no process leaves (and tears the group down) while another still works
+    return result

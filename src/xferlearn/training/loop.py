@@ -46,6 +46,8 @@ def quiet_lightning():
         # Frozen layers (and, by policy, BatchNorm) are in eval mode on purpose in a fine-tune.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        # Lightning's all_gather of the validation logits goes through this torch function.
+        warnings.filterwarnings("ignore", message=r".*distributed.nn.functional.all_gather is deprecated.*")
         try:
             yield
         finally:
