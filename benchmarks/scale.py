@@ -117,7 +117,8 @@ def head_table(sizes: list[int], root: Path, epochs: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 100000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[5000, 20000, 100000],
+                        help="whole-recipe runs on N synthetic images (none: only --head-sizes)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/xferlearn-scale"))
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32, the smallest allowed)")
     parser.add_argument("--epochs", type=int, default=2)
