@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from ..config import TrainConfig
 from ..evaluation.metrics import positive_index
 from ..rundir import RunDir, read_history, write_history
-from .distributed import unpad_gathered
+from .distributed import rank, size, unpad_gathered
 
 console = Console(stderr=True)
 
@@ -118,7 +118,12 @@ def train_loader(dataset, y: np.ndarray, config: TrainConfig, num_classes: int, 
         per_row = class_weights(y, num_classes).numpy()[y]
         sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True, generator=generator)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **loader_kwargs)
+    # The same global batches at any number of processes: each takes every W-th row of one
+    # permutation per epoch (seeded by the run's seed and the epoch; Lightning keeps a
+    # DistributedSampler as it is and advances its epoch), so with batch_size / W rows each,
+    # the processes' batches together are the one-process batch.
+    sampler = DistributedSampler(dataset, num_replicas=size(), rank=rank(), shuffle=True, seed=config.seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
 
 
 def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, *, stage: str = "",
