@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import XferlearnError
@@ -36,13 +37,15 @@ def os_error(path: Path | str, error: OSError, what: str = "write") -> Xferlearn
                           f"version is untouched; {advice}.")
 
 
-def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> Path:
-    """Write-then-rename. `durable=False` skips the fsync: for cache entries, which are checked
+def atomic_write(path: str | Path, data: bytes | str | Iterable[bytes], durable: bool = True) -> Path:
+    """Write-then-rename. `data` may be an iterable of byte chunks, written as they come (a file
+    bigger than memory, e.g. a feature table). `durable=False` skips the fsync: for cache entries, which are checked
     on reading and rebuilt when damaged, one fsync per decoded image costs more than decoding.
     Files get the usual 0644-under-umask permissions (mkstemp's 0600 would hide run folders
     from colleagues)."""
     path = Path(path)
     data = data.encode() if isinstance(data, str) else data
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,8 @@ def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> P
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())

@@ -19,6 +19,11 @@ THRESHOLDS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
 COMPILE_MODES = ("auto", "on", "off")
+# Lightning's Trainer arguments of the same names (training/distributed.py). No fsdp: it shards a
+# model too big for one device, and these backbones (4-25 M parameters) fit any device whole,
+# where DDP's full replicas are faster; the head on cached features has nothing to shard.
+ACCELERATORS = ("auto", "cpu", "gpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
 AUGMENT_PRESETS = ("article", "xray", "robust", "none")  # defined in data/augment.py (train_transform)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
 # `--help`, the checks and the code that acts on them share one definition.
@@ -110,6 +115,13 @@ class TrainConfig:
                              "update in the last stage", BN_POLICIES)
     ema: float = _option(0.0, "(finetune) decay of an exponential moving average of the weights; 0: none")
     patience: int = _option(2, "(finetune) epochs without a better validation AUC before a stage stops")
+    # Scale (Lightning's Trainer arguments): processes = devices x num_nodes; batch sizes are global.
+    accelerator: str = _option("auto", "auto: a GPU where there is one (the head on cached features stays on the "
+                               "CPU)", ACCELERATORS)
+    devices: int = _option(1, "processes per machine (GPUs, or CPU processes over gloo)")
+    num_nodes: int = _option(1, "machines (torchrun or SLURM starts the processes there)")
+    strategy: str = _option("auto", "auto: ddp when there are several processes; ddp_spawn: from a notebook",
+                            STRATEGIES)
 
     def __post_init__(self):
         self.validate()
@@ -153,6 +165,9 @@ class TrainConfig:
         need(self.patience >= 1, "--patience must be at least 1.")
         need(self.cv is None or self.cv == 0 or self.cv >= 2, f"--cv takes a number of folds of 2 or more "
              f"(e.g. {CV_FOLDS}); --no-cv turns cross-fitting off.")
+        need(self.accelerator in ACCELERATORS, f"--accelerator must be one of {ACCELERATORS}, not {self.accelerator!r}.")
+        need(self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, not {self.strategy!r}.")
+        need(self.devices >= 1 and self.num_nodes >= 1, "--devices and --num-nodes must be at least 1.")
 
     def val_group_list(self) -> list[str] | None:
         """--val-groups as a list of names (None where not given)."""

@@ -10,7 +10,6 @@ image's content hash, so a second run on the same or an overlapping folder reuse
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -19,22 +18,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write
 from ..data.augment import train_transform
 from ..data.folders import ImageDataset
-from ..data.images import DecodeCache, default_cache_dir
-from ..errors import XferlearnError
+from ..data.images import DecodeCache
+from .feature_store import FeatureStore
 from .inference import FastForward
 
-FEATURE_FORMAT = 1  # bump when the way features are computed changes
+FEATURE_FORMAT = 2  # bump when the way features are computed or stored changes (2: parts of rows, feature_store.py)
 
 
-def default_workers() -> int:
+def default_workers(processes: int = 1) -> int:
     """Loader processes that decode and augment while the model computes: one on 2 cores (it
     takes the gaps the model's two threads leave; the default recipe ran 109 s against 117 s
     with none on the 2-core benchmark machine, one run each, so a rough figure), half the
-    cores (at most 8) where they are plenty."""
-    cores = os.cpu_count() or 1
+    cores (at most 8) where they are plenty. `processes` on one machine share its cores."""
+    cores = (os.cpu_count() or 1) // max(1, processes)
     return 0 if cores < 2 else max(1, min(8, cores // 2))
 
 
@@ -83,60 +81,30 @@ def view_name(view: int, preset: str, seed: int) -> str:
     return "clean" if view == 0 else f"{preset}-seed{seed}-view{view}"
 
 
-class FeatureStore:
-    """One .npz per (feature key, view): the digests it covers and their feature rows."""
-
-    def __init__(self, key: str, root: Path | None = None):
-        self.dir = Path(root or default_cache_dir()) / "features" / key
-
-    def _path(self, view: str) -> Path:
-        return self.dir / f"{view}.npz"
-
-    def load(self, view: str) -> dict[str, np.ndarray]:
-        path = self._path(view)
-        if not path.exists():
-            return {}
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                return dict(zip(stored["digests"].tolist(), stored["features"]))
-        except (OSError, ValueError, KeyError):
-            return {}  # a damaged store is recomputed, not trusted
-
-    def count_missing(self, view: str, digests) -> int:
-        known = self.load(view)
-        return sum(d not in known for d in digests)
-
-    def save(self, view: str, rows: dict[str, np.ndarray]) -> None:
-        buffer = io.BytesIO()
-        digests = sorted(rows)
-        np.savez(buffer, digests=np.array(digests), features=np.stack([rows[d] for d in digests]))
-        try:
-            atomic_write(self._path(view), buffer.getvalue())
-        except XferlearnError:
-            pass  # a full or read-only cache only costs recomputation next time
-
-
-def extract(extractor: FeatureExtractor, paths, digests, cache: DecodeCache, *, view: int = 0,
-            preset: str = "none", seed: int = 0, store: FeatureStore | None = None,
-            batch_size: int = 32, workers: int | None = None, progress=None) -> np.ndarray:
-    """Features of one view of every image, from the store where present, computed otherwise."""
+def extract(extractor: FeatureExtractor, paths, digests, cache: DecodeCache, store: FeatureStore,
+            missing: list[int] | None = None, *, view: int = 0, preset: str = "none", seed: int = 0,
+            batch_size: int = 32, workers: int | None = None, progress=None, shard: tuple[int, int] = (0, 1)) -> None:
+    """Compute into `store` the features of one view of the images it lacks (`missing`, as
+    `store.missing` listed them), streamed to disk batch by batch. With `shard` (rank,
+    processes), only every processes-th of them from rank: each process of a distributed run
+    writes its own part. The processes must list `missing` before any of them writes, and
+    wait for all of them before reading `store.rows`."""
     name = view_name(view, preset, seed)
-    known = store.load(name) if store else {}
-    missing = [i for i, d in enumerate(digests) if d not in known]
-    if missing:
-        transform = train_transform(preset) if view else None
-        dataset = ImageDataset([paths[i] for i in missing], [digests[i] for i in missing], None,
-                               cache, transform, view, seed)
-        loader = image_loader(dataset, batch_size, workers)
-        task = progress.add_task(f"features ({name})", total=len(missing)) if progress else None
-        done = 0
+    rank, processes = shard
+    missing = store.missing(name, digests) if missing is None else missing
+    mine = missing[rank::processes]
+    if not mine:
+        return
+    transform = train_transform(preset) if view else None
+    dataset = ImageDataset([paths[i] for i in mine], [digests[i] for i in mine], None, cache, transform, view, seed)
+    loader = image_loader(dataset, batch_size, workers)
+    task = progress.add_task(f"features ({name})", total=len(mine)) if progress else None
+
+    def batches():
         for images, _ in loader:
             rows = extractor(images)
-            for j, row in enumerate(rows):
-                known[digests[missing[done + j]]] = row
-            done += len(rows)
             if progress:
                 progress.advance(task, len(rows))
-        if store:
-            store.save(name, known)
-    return np.stack([known[d] for d in digests]).astype(np.float32)
+            yield rows
+
+    store.write(name, [digests[i] for i in mine], batches())

@@ -21,6 +21,7 @@ from ..evaluation.thresholds import apply_temperature, choose_operating_point, f
 from ..models.checkpoint import Checkpoint
 from ..models.features import image_loader
 from ..models.predictor import Predictor
+from .distributed import device, gather_rows, loader_workers, shard
 
 
 def operating_point(val_logits: np.ndarray, val_y: np.ndarray, classes: list[str], positive: int | None,
@@ -46,10 +47,12 @@ def validation_view_logits(checkpoint: Checkpoint, manifest: Manifest, val_idx, 
                            config: TrainConfig) -> np.ndarray:
     """(V, N, C) logits of the validation images through the whole trained network, over the
     test-time-augmentation views where the checkpoint says `tta` (V=1 otherwise)."""
-    predictor = Predictor(checkpoint, precision=config.precision)
-    dataset = ImageDataset([manifest.paths[i] for i in val_idx], [manifest.digests[i] for i in val_idx], None, cache)
-    loader = image_loader(dataset, config.batch_size_features, config.workers)
-    return np.concatenate([predictor.view_logits(images).cpu().numpy() for images, _ in loader], axis=1)
+    predictor = Predictor(checkpoint, device=device(config), precision=config.precision)
+    mine = shard(list(val_idx))  # each process scores its share; every one gets them all back
+    dataset = ImageDataset([manifest.paths[i] for i in mine], [manifest.digests[i] for i in mine], None, cache)
+    loader = image_loader(dataset, config.batch_size_features, loader_workers(config))
+    local = np.concatenate([predictor.view_logits(images).cpu().numpy() for images, _ in loader], axis=1)
+    return gather_rows(local, len(val_idx), axis=1)
 
 
 def calibrate(checkpoint: Checkpoint, manifest: Manifest, val_idx, cache: DecodeCache, config: TrainConfig,

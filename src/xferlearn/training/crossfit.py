@@ -22,6 +22,7 @@ from rich.progress import Progress
 from scipy.special import log_softmax
 
 from ..config import TrainConfig
+from ..data.images import DecodeCache
 from ..data.folders import Manifest, groups, grouping
 from ..errors import XferlearnError
 from ..evaluation.metrics import bootstrap_intervals
@@ -66,8 +67,10 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
 
     Returns the selection record and the out-of-fold logits at the chosen epoch (N, C)."""
     everything = np.arange(len(manifest.samples))
-    train_views, _ = compute_features(model, manifest, everything, everything[:0], config, arch, weights_tag,
-                                      preprocessing)
+    cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
+    tables, _ = compute_features(model, manifest, everything, everything[:0], config, arch, weights_tag,
+                                 preprocessing, cache)
+    train_views = np.stack([table.read(np.arange(len(table))) for table in tables])  # small data: in memory
     labels, width, n_views = manifest.labels, train_views.shape[-1], config.views + 1
     oof = np.zeros((config.epochs, len(labels), len(manifest.classes)), dtype=np.float32)
     folds = fold_indices(manifest, k, config.seed)

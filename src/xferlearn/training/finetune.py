@@ -52,7 +52,8 @@ from ..data.augment import to_tensor, train_transform
 from ..data.folders import ImageDataset, Manifest
 from ..data.images import DecodeCache
 from ..models.features import default_workers, image_loader
-from ..models.inference import default_device, normalize, resolve_precision
+from ..models.inference import normalize, resolve_precision
+from .distributed import barrier, device, is_rank_zero, per_process_batch, trainer_options
 from ..rundir import RunDir, read_history, write_history
 from .linear import fit_head
 from .loop import ClassifierModule, class_weights, console, fit, train_loader
@@ -148,7 +149,9 @@ def stage_callbacks(config: TrainConfig) -> list:
 def save_stage(path: Path, model: torch.nn.Module, record: dict) -> dict:
     buffer = io.BytesIO()
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "record": record}, buffer)
-    atomic_write(path, buffer.getvalue())
+    if is_rank_zero():
+        atomic_write(path, buffer.getvalue())
+    barrier()  # the other processes may read it next
     return record
 
 
@@ -177,10 +180,11 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
                                  cache, run)]
     labels = manifest.labels
     pick = lambda idx: ([manifest.paths[i] for i in idx], [manifest.digests[i] for i in idx], labels[idx])  # noqa: E731
-    workers = default_workers() if config.workers is None else config.workers
+    workers = default_workers(config.devices) if config.workers is None else config.workers
     loader = train_loader(RandomViews(*pick(train_idx), cache, train_transform(config.augment)), labels[train_idx],
-                          config, len(manifest.classes), batch_size=config.finetune_batch_size, num_workers=workers,
-                          drop_last=True, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                          config, len(manifest.classes), batch_size=per_process_batch(config.finetune_batch_size),
+                          num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                          pin_memory=device(config).type == "cuda")
     val_loader = image_loader(ImageDataset(*pick(val_idx), cache), config.batch_size_features, workers)
     weights = class_weights(labels[train_idx], len(manifest.classes)) if config.imbalance == "weights" else None
     depths = config.stage_depths()
@@ -196,7 +200,8 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
-    combine_histories(run, [r["stage"] for r in records])
+    if is_rank_zero():
+        combine_histories(run, [r["stage"] for r in records])
     console.print("Stages (validation AUC): " + ", ".join(f"{r['stage']} {r['val_auc']:.4f}" for r in records)
                   + f"; chosen: {records[chosen]['stage']}.")
     return {"best_epoch_val_auc": records[chosen]["val_auc"], "chosen_stage": records[chosen]["stage"],
@@ -227,10 +232,9 @@ def fit_stage(model, number: int, depth: int | None, loader, val_loader, config:
                   f"({'all layers' if depth is None else f'{depth} layer groups below the head'}"
                   f"{', BatchNorm statistics updating' if update_bn else ''}).")
     module = FinetuneModule(model, classes, preprocessing, config, class_weights=weights, update_bn=update_bn)
-    device = default_device()
-    precision = "bf16-mixed" if resolve_precision(config.precision, device) == "bf16" else "32-true"
+    precision = "bf16-mixed" if resolve_precision(config.precision, device(config)) == "bf16" else "32-true"
     best = fit(module, loader, val_loader, config, run, stage=name, max_epochs=config.finetune_epochs,
-               callbacks=stage_callbacks(config), precision=precision, accelerator=device.type)
+               callbacks=stage_callbacks(config), precision=precision, **trainer_options(config))
     return save_stage(RunDir(run).stage(name), model, {
         "stage": name, "depth": depth, "val_auc": best["best_epoch_val_auc"], "epochs": best["epochs_run"],
         "seconds": round(time.perf_counter() - started, 1)})

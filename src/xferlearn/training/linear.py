@@ -1,8 +1,11 @@
 """The `linear` recipe, the article's: a frozen base and a new softmax head.
 
-Features are computed once per image and view (models/features.py) and the head trains on
-them through the shared loop in seconds. The head is trained on standardised features and
-the scaling folded back into its weights, so the saved model is a plain timm model.
+Features are computed once per image and view (models/features.py), kept on disk
+(models/feature_store.py) and read from there a batch at a time, so the head's epochs never
+hold the table in memory; in a distributed run each process computes its share. The head is
+trained on standardised features and the scaling folded back into its weights, so the saved
+model is a plain timm model. Cross-fitting (crossfit.py) trains heads on in-memory folds
+through the same `train_head`.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.progress import Progress
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
 from ..data.folders import Manifest
 from ..data.images import DecodeCache
-from ..models.features import FeatureExtractor, FeatureStore, extract, feature_key, view_name
-from ..models.inference import default_device, resolve_precision
+from ..models.feature_store import FeatureRows, FeatureStore
+from ..models.features import FeatureExtractor, extract, feature_key, view_name
+from ..models.inference import resolve_precision
+from .distributed import (barrier, device, is_rank_zero, loader_workers, per_process_batch, rank, size,
+                          trainer_options)
 from .loop import ClassifierModule, class_weights, console, fit, train_loader
 
 
@@ -31,43 +37,91 @@ def effective_prior(y: np.ndarray, num_classes: int, config: TrainConfig) -> lis
     return [1.0 / num_classes] * num_classes
 
 
+class ArrayRows:
+    """An in-memory feature table with FeatureRows' reading interface (cross-fitting's folds,
+    which only small data uses)."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def read(self, positions) -> np.ndarray:
+        return self.x[np.asarray(positions)]
+
+    def chunks(self, size: int = 4096):
+        for start in range(0, len(self.x), size):
+            yield self.x[start:start + size]
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.x.mean(0), self.x.std(0)
+
+
+class FeatureRowsDataset(Dataset):
+    """(standardised feature row, label) pairs read a batch at a time (`__getitems__`)."""
+
+    def __init__(self, rows, labels: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None):
+        self.rows, self.labels, self.mean, self.std = rows, labels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices):
+        x = self.rows.read(indices)
+        if self.mean is not None:
+            x = ((x - self.mean) / self.std).astype(np.float32)
+        return list(zip(torch.from_numpy(x), torch.from_numpy(self.labels[np.asarray(indices)])))
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+
 def compute_features(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str,
-                     weights_tag: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features: (views + 1, len(train_idx), F) for the training images (view 0 clean,
-    the rest augmented) and (len(val_idx), F) for the clean validation images; from the
-    feature store where computed before."""
-    precision = resolve_precision(config.precision, default_device())
+                     weights_tag: str, preprocessing, cache: DecodeCache) -> tuple[list[FeatureRows], FeatureRows | None]:
+    """Frozen features, from the store where computed before: one table per training view
+    (view 0 clean, the rest augmented) and the clean validation images' (None without any,
+    as under cross-fitting). In a distributed run each process computes its share."""
+    here = device(config)
+    precision = resolve_precision(config.precision, here)
     store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision), config.cache_dir)
-    paths, digests = manifest.paths, manifest.digests
-    pick = lambda idx: ([paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
+    digests = manifest.digests
+    pick = lambda idx: ([manifest.paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
     views = [(train_idx, v, config.augment) for v in range(config.views + 1)]
-    views += [(val_idx, 0, "none")] if len(val_idx) else []  # none under cross-fitting
-    to_compute = sum(store.count_missing(view_name(v, preset, config.seed), [digests[i] for i in idx])
-                     for idx, v, preset in views)
-    extractor = FeatureExtractor(model, preprocessing, precision, compile=config.compile, n_images=to_compute,
-                                 batch_size=config.batch_size_features)
-    kwargs = dict(store=store, batch_size=config.batch_size_features, workers=config.workers, seed=config.seed)
-    cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
-    with Progress(console=console, transient=True) as progress:
-        computed = [extract(extractor, *pick(idx), cache, view=v, preset=preset, progress=progress, **kwargs)
-                    for idx, v, preset in views]
-    train_views = np.stack(computed[:config.views + 1])
-    return train_views, computed[-1] if len(val_idx) else train_views[0, :0]
+    views += [(val_idx, 0, "none")] if len(val_idx) else []
+    names = [view_name(v, preset, config.seed) for _, v, preset in views]
+    missing = [store.missing(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
+    barrier()  # every process has listed what is missing before any of them adds to the store
+    to_compute = sum(map(len, missing)) // size()
+    extractor = FeatureExtractor(model, preprocessing, precision, device=here, compile=config.compile,
+                                 n_images=to_compute, batch_size=config.batch_size_features)
+    kwargs = dict(batch_size=config.batch_size_features, workers=loader_workers(config), seed=config.seed,
+                  shard=(rank(), size()))
+    with Progress(console=console, transient=True, disable=not is_rank_zero()) as progress:
+        for (idx, v, preset), todo in zip(views, missing):
+            extract(extractor, *pick(idx), cache, store, todo, view=v, preset=preset, progress=progress, **kwargs)
+    barrier()  # every process's part is written: the store is whole
+    tables = [store.rows(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
+    train_views = tables[:config.views + 1]
+    return train_views, tables[-1] if len(val_idx) else None
 
 
-def train_head(head, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None, val_y: np.ndarray | None,
-               config: TrainConfig, classes: list[str], run: Path, *, stage: str = "", positive: int | None = None,
+def train_head(head, train_rows, train_y: np.ndarray, val_rows, val_y: np.ndarray | None, config: TrainConfig,
+               classes: list[str], run: Path, *, stage: str = "", positive: int | None = None,
                max_epochs: int | None = None, keep_logits: bool = False, progress_bar: bool = True):
-    """Fit `head` on (rows, F) features through the shared loop; best epoch by validation AUC
-    where validation is given, else `max_epochs` of them. The cosine schedule always spans
-    `config.epochs`, so a refit for a chosen epoch count follows the very trajectory it was
-    chosen on. Returns the loop's selection record and the module."""
+    """Fit `head` on feature rows (FeatureRows, ArrayRows or an array) through the shared loop;
+    best epoch by validation AUC where validation is given, else `max_epochs` of them. The
+    cosine schedule always spans `config.epochs`, so a refit for a chosen epoch count follows
+    the very trajectory it was chosen on. Returns the loop's selection record and the module."""
+    as_rows = lambda x: ArrayRows(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+    train_rows = as_rows(train_rows)
+    val_rows = None if val_rows is None else as_rows(val_rows)
     # The head trains on standardised features (backbones differ in feature scale by orders of
     # magnitude, one learning rate cannot suit them all); the scaling is then folded into the
     # head's weights, so the saved model is a plain timm model with nothing added.
     head.train()  # the extractor put the whole model in eval mode
     # A floor on the scale: a feature nearly constant in training must not blow up on new images.
-    mean, std = train_x.mean(0), train_x.std(0)
+    mean, std = train_rows.mean_std()
     std = np.maximum(std, 0.1 * std.mean() + 1e-12)
     scale = isinstance(head, torch.nn.Linear)
     if scale:
@@ -76,17 +130,18 @@ def train_head(head, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
         # and a first epoch spent undoing it. A linear softmax head is convex: zero is a fine start.
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
-    standard = (lambda x: ((x - mean) / std).astype(np.float32)) if scale else (lambda x: x)  # noqa: E731
+    norm = (mean, std) if scale else (None, None)
     module = ClassifierModule(head, classes, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
                               class_weights=class_weights(train_y, len(classes))
                               if config.imbalance == "weights" else None, positive=positive, keep_logits=keep_logits)
-    val_loader = None if val_x is None else DataLoader(
-        TensorDataset(torch.from_numpy(standard(val_x)), torch.from_numpy(val_y)), batch_size=1024)
-    train_data = TensorDataset(torch.from_numpy(standard(train_x)), torch.from_numpy(train_y))
-    best = fit(module, train_loader(train_data, train_y, config, len(classes), batch_size=config.batch_size),
-               val_loader, config, run, stage=stage, max_epochs=max_epochs,
-               accelerator="cpu",  # a linear layer on cached features: a GPU would only add transfers
-               enable_progress_bar=progress_bar)
+    val_loader = None if val_rows is None else DataLoader(FeatureRowsDataset(val_rows, val_y, *norm),
+                                                          batch_size=1024)
+    train_data = FeatureRowsDataset(train_rows, train_y, *norm)
+    best = fit(module, train_loader(train_data, train_y, config, len(classes),
+                                    batch_size=per_process_batch(config.batch_size)),
+               val_loader, config, run, stage=stage, max_epochs=max_epochs, enable_progress_bar=progress_bar,
+               # one process: a linear layer on cached features on the CPU (a GPU would only add transfers)
+               **trainer_options(config, "cpu"))
     if scale:
         fold_standardisation(head, mean, std)
     return best, module
@@ -95,16 +150,16 @@ def train_head(head, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
 def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str, weights_tag: str,
              preprocessing, cache: DecodeCache, run: Path, stage: str = "", positive: int | None = None):
     """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone."""
-    train_views, val_x = compute_features(model, manifest, train_idx, val_idx, config, arch, weights_tag,
-                                          preprocessing)
-    train_x = train_views.reshape(-1, train_views.shape[-1])
+    train_views, val_rows = compute_features(model, manifest, train_idx, val_idx, config, arch, weights_tag,
+                                             preprocessing, cache)
     train_y = np.tile(manifest.labels[train_idx], config.views + 1)
     val_y = manifest.labels[val_idx]
     head = model.get_classifier()
-    best, _ = train_head(head, train_x, train_y, val_x, val_y, config, manifest.classes, run, stage=stage,
-                         positive=positive)
+    best, _ = train_head(head, FeatureRows.concat(train_views), train_y, val_rows, val_y, config, manifest.classes,
+                         run, stage=stage, positive=positive)
+    head = head.cpu().eval()
     with torch.inference_mode():
-        val_logits = head.eval()(torch.from_numpy(val_x)).numpy()
+        val_logits = np.concatenate([head(torch.from_numpy(x)).numpy() for x in val_rows.chunks()])
     return best, val_logits, val_y
 
 

@@ -3,7 +3,8 @@
 `ClassifierModule` trains a network (a head on cached features, or a whole network) with
 cross-entropy and logs validation loss, accuracy and AUC each epoch; `fit` runs Lightning
 with best-by-validation-AUC checkpoint selection and resumption from `last.ckpt`. Lightning
-runs the loop, so checkpoints, progress bars, bf16 and DDP come from it.
+runs the loop, so checkpoints, progress bars, bf16 and DDP come from it (the processes and
+Trainer arguments: distributed.py; validation is gathered across them before AUC).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from ..config import TrainConfig
 from ..evaluation.metrics import positive_index
 from ..rundir import RunDir, read_history, write_history
+from .distributed import rank, size, unpad_gathered
 
 console = Console(stderr=True)
 
@@ -46,6 +48,8 @@ def quiet_lightning():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         # A refit for an epoch count chosen on out-of-fold predictions validates on nothing, by design.
         warnings.filterwarnings("ignore", message=r".*validation_step.*no .*val_dataloader.*|.*Skipping val loop.*")
+        # Lightning's all_gather of the validation logits goes through this torch function.
+        warnings.filterwarnings("ignore", message=r".*distributed.nn.functional.all_gather is deprecated.*")
         try:
             yield
         finally:
@@ -75,7 +79,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y, weight=self.class_weights)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -86,6 +90,9 @@ class ClassifierModule(L.LightningModule):
     def on_validation_epoch_end(self):
         logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
+        if self.trainer.world_size > 1:  # every rank scores the whole validation set, each image once
+            n = len(self.trainer.val_dataloaders.dataset)
+            logits, targets = unpad_gathered(self.all_gather(logits), n), unpad_gathered(self.all_gather(targets), n)
         if self.epoch_logits is not None:
             self.epoch_logits.append(logits.detach().cpu().numpy())
         probs = logits.softmax(dim=1)
@@ -94,7 +101,8 @@ class ClassifierModule(L.LightningModule):
         else:
             auc = multiclass_auroc(probs, targets, num_classes=len(self.classes))
         self.log_dict({"val_loss": F.cross_entropy(logits, targets), "val_auc": auc,
-                       "val_acc": (probs.argmax(1) == targets).float().mean()}, prog_bar=True)
+                       "val_acc": (probs.argmax(1) == targets).float().mean()}, prog_bar=True,
+                      sync_dist=True)  # equal on every rank already: the mean changes nothing
 
     def configure_optimizers(self):
         # Adam as in the article, with decoupled weight decay and a cosine decay of the rate.
@@ -118,7 +126,12 @@ def train_loader(dataset, y: np.ndarray, config: TrainConfig, num_classes: int, 
         per_row = class_weights(y, num_classes).numpy()[y]
         sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True, generator=generator)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **loader_kwargs)
+    # The same global batches at any number of processes: each takes every W-th row of one
+    # permutation per epoch (seeded by the run's seed and the epoch; Lightning keeps a
+    # DistributedSampler as it is and advances its epoch), so with batch_size / W rows each,
+    # the processes' batches together are the one-process batch.
+    sampler = DistributedSampler(dataset, num_replicas=size(), rank=rank(), shuffle=True, seed=config.seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
 
 
 def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, *, stage: str = "",
@@ -144,7 +157,8 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
                             # No sanity check: its two batches may hold one class, where AUC is undefined.
                             num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
         trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
-    if earlier:
+    trainer.strategy.barrier()  # rank 0 has written the checkpoints every rank reads next
+    if earlier and trainer.is_global_zero:
         keep_earlier_history(history, earlier)
     best_path = checkpoints.best_model_path if val_data is not None else ""
     if best_path:

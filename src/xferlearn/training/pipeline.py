@@ -34,6 +34,7 @@ from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
 from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
 from .crossfit import crossfit_head, crossfit_operating_point
+from .distributed import barrier, is_rank_zero, launch
 from .finetune import finetune
 from .linear import effective_prior, fit_head
 from .loop import console
@@ -121,9 +122,15 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
 
 
 def train(config: TrainConfig | None = None, **options) -> TrainResult:
-    """Train a classifier on a folder of class folders; see TrainConfig for the options."""
-    config = config or TrainConfig(**options)
+    """Train a classifier on a folder of class folders; see TrainConfig for the options. With
+    several processes (--devices, --num-nodes) every one of them runs `train_here`."""
+    return launch(train_here, config or TrainConfig(**options))
+
+
+def train_here(config: TrainConfig) -> TrainResult:
+    """The whole job in this process (one of the run's processes); only rank 0 writes run files."""
     started = time.perf_counter()
+    console.quiet = console.quiet or not is_rank_zero()
     L.seed_everything(config.seed, verbose=False)
     layout = find_layout(config.data, config.val)
     positive = named_positive_index(layout.classes, config.positive_class)
@@ -131,11 +138,17 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
                                                      config.image_size)
     arch = resolve(config.backbone)
     run = prepare_run(config)
-    config.save(run.config)
+    barrier()  # every process has checked for a finished run before rank 0 may write one
+    if is_rank_zero():
+        config.save(run.config)
 
     cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
+    if not is_rank_zero():
+        barrier()  # rank 0 decodes into the shared cache first; the others then only read and hash
     manifest, train_idx, val_idx, how, folds = split(config, layout, cache)
-    save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
+    if is_rank_zero():
+        barrier()
+        save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
 
     val_logits = None
     if folds:
@@ -164,11 +177,13 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
         checkpoint.metrics["validation"] = how
     metrics = checkpoint.metrics
     metrics["selection"] = selection
-    write_validation_predictions(run.validation_predictions, manifest, val_idx, val_probs)
-    path = save_checkpoint(checkpoint, run.checkpoint)
+    path = run.checkpoint
+    if is_rank_zero():
+        write_validation_predictions(run.validation_predictions, manifest, val_idx, val_probs)
+        path = save_checkpoint(checkpoint, run.checkpoint)
+        write_json(run.validation_metrics, metrics)
     threshold, source = checkpoint.threshold, checkpoint.threshold_source
     seconds = time.perf_counter() - started
-    write_json(run.validation_metrics, metrics)
     console.print(f"{'Cross-validated' if folds else 'Validation'} (n {metrics['n']}, 95% intervals): "
                   + ", ".join(f"{name} {figure(metrics, name)}" for name in ("auc", "accuracy", "sensitivity",
                                                                             "specificity"))
