@@ -290,10 +290,11 @@ def add_demo(commands) -> None:
                                  description="Train the default recipe on the packaged sample's train/ part (140 "
                                              "X-rays), evaluate on its test/ part (60, other patients), explain one "
                                              "image, and print the commands to try next. Runs offline, "
-                                             "with nothing of your own.")
+                                             "with nothing of your own.",
+                                 epilog="example: xferlearn demo --out xferlearn-demo")
     parser.add_argument("--out", default="xferlearn-demo",
                         help="the run folder to write (default: xferlearn-demo in the current folder)")
-    parser.add_argument("--force", action="store_true",
+    parser.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                         help="replace an earlier run in --out (default: refuse where --out holds a model)")
     parser.set_defaults(func=run_demo)
 
@@ -312,15 +313,18 @@ def add_calibrate(commands) -> None:
                     "class folders, at least 20 images a class), without training the network; write the result "
                     "as a new run folder --out that predict, evaluate, export and serve use as is. Judge it with "
                     "`xferlearn evaluate` on OTHER images of the site: the figures printed here are on the "
-                    "sample the threshold was chosen on.")
+                    "sample the threshold was chosen on.",
+        epilog="example: xferlearn calibrate runs/cxr site_b_sample/ --out runs/cxr-site-b\n"
+               "         xferlearn evaluate runs/cxr-site-b site_b_other_images/")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("site_data", help="a labelled sample from the site: one subfolder per class, as in training")
     parser.add_argument("--out", required=True, help="the new run folder to write (must not hold a model yet)")
-    parser.add_argument("--prior", action="store_true",
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=False,
                         help="also make the probabilities refer to the sample's class balance (folded into the "
                              "classifier's bias; use only if the sample's balance is the site's) (default: off)")
     parser.add_argument("--threshold", choices=THRESHOLDS,
-                        help="the rule that picks the threshold (default: the run's own rule)")
+                        help=f"the rule that picks the threshold, one of {', '.join(THRESHOLDS)} "
+                             "(default: the run's own rule)")
     parser.add_argument("--target-sensitivity", type=float,
                         help="with --threshold target_sensitivity: the sensitivity to reach, e.g. 0.95")
     parser.add_argument("--bootstrap", type=int, default=1000,
