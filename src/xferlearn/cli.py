@@ -12,8 +12,9 @@ import logging
 import sys
 from dataclasses import fields
 
-from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, TrainConfig
+from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, STRESS_SHIFTS, STRESS_SPLITS, TrainConfig
 from .errors import XferlearnError
+from .rundir import RunDir
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
 _HIDDEN = {"data"}
@@ -212,7 +213,53 @@ def run_export(args) -> int:
     return 0
 
 
-COMMANDS = [add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export]
+def add_stress(commands) -> None:
+    parser = commands.add_parser(
+        "stress", help="re-evaluate a run under acquisition-like shifts (exposure, blur, noise, JPEG, ...)",
+        description="Re-evaluate RUN on labelled DATA (or --split val) under shifts like another site's images, at "
+                    "severities 1-5, at the run's own threshold (never re-tuned). Writes stress.json, stress.md, "
+                    "stress.png and examples.png into RUN/stress (or --out).")
+    parser.add_argument("run", help="a run folder made by `xferlearn train`")
+    parser.add_argument("data", nargs="?", help="a folder of class folders (or a Kaggle root: its test/ is used)")
+    parser.add_argument("--split", choices=STRESS_SPLITS,
+                        help="val: the run's own validation images (split.json) instead of DATA; measures, tunes nothing")
+    parser.add_argument("--out", help="where to write (default: RUN/stress)")
+    parser.add_argument("--shifts", type=_csv(str), help=f"comma-separated subset of {','.join(STRESS_SHIFTS)} "
+                                                         "(default: all)")
+    parser.add_argument("--severities", type=_csv(int), help="comma-separated subset of 1,2,3,4,5 (default: all)")
+    parser.add_argument("--limit", type=int, help="at most N images per class, drawn at random with seed 0 "
+                                                  "(default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="torch (default), onnx or onnx-int8 (RUN/export, exported on first use)")
+    parser.add_argument("--json", action="store_true", help="print stress.json to stdout")
+    parser.set_defaults(func=run_stress)
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, not {text!r}") from None
+    return parse
+
+
+def run_stress(args) -> int:
+    from .api import stress
+    from .evaluation.stress_report import summary_lines
+
+    record = stress(args.run, args.data, args.out, split=args.split, shifts=args.shifts, severities=args.severities,
+                    limit=args.limit, batch_size=args.batch_size, engine=args.engine)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(summary_lines(record))
+        print(f"written to {args.out or RunDir.of(args.run).stress}")
+    return 0
+
+
+COMMANDS = [add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export, add_stress]
 
 
 def build_parser() -> argparse.ArgumentParser:

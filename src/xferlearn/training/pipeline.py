@@ -99,4 +99,8 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
                   f"sensitivity {metrics['sensitivity']:.4f}, specificity {metrics['specificity']:.4f} "
                   f"at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
                   f"{seconds:.0f} s. Checkpoint: {path}")
+    console.print(f"These validation figures are in-distribution: {len(val_idx)} images carved from {config.data}, "
+                  "the same source as the training images. They cannot show how the model holds up on other sites "
+                  f"or devices: run `xferlearn stress {run.root} --split val` for acquisition-like shifts, and "
+                  "evaluate on labelled images from elsewhere.", highlight=False)
     return TrainResult(run.root, path, metrics, seconds)
