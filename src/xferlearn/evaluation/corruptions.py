@@ -50,7 +50,7 @@ PARAMETERS: dict[str, tuple[tuple[float, ...], str]] = {
     "text": ((0.05, 0.065, 0.08, 0.1, 0.12), "height of burnt-in text markers (share of the side)"),
 }
 # Marker texts like those printed on radiographs by the device or the technologist.
-_MARKERS = ("R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT", "12/03")
+_MARKERS = ("R", "L", "AP", "PA", "PORT", "SUPINE", "ERECT", "12/03")
 
 
 def check_choices(shifts, severities) -> tuple[list[str], list[int]]:
@@ -101,10 +101,14 @@ def _blur(image, value, rng):
 def _noise(image, value, rng):
     # v2's gaussian_noise draws from torch's global generator; fork it so the draw is seeded
     # here and the caller's random state is left as it was.
+    # A gray image (every X-ray) gets gray noise: one channel's draw, repeated.
+    gray = bool((image[0] == image[1]).all() and (image[0] == image[2]).all())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**62)))
-        noisy = F.gaussian_noise(F.to_dtype(image, torch.float32, scale=True), sigma=value, clip=True)
-    return F.to_dtype(noisy, torch.uint8, scale=True)
+        noisy = F.gaussian_noise(F.to_dtype(image[:1] if gray else image, torch.float32, scale=True),
+                                 sigma=value, clip=True)
+    noisy = F.to_dtype(noisy, torch.uint8, scale=True)
+    return noisy.expand_as(image).clone() if gray else noisy
 
 
 def _jpeg(image, value, rng):
