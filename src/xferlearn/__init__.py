@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # name with a function here, so an attribute is never shadowed by a submodule.
 _API = {
     "train": "api", "load": "api", "evaluate": "api", "predict": "api", "explain": "api", "export": "api",
-    "serve": "api", "demo": "api", "calibrate": "api", "Model": "api", "TrainConfig": "config",
+    "serve": "api", "demo": "api", "calibrate": "api", "stress": "api", "Model": "api", "TrainConfig": "config",
     "Predictor": "models.predictor",
     "list_backbones": "models.backbones", "create_model": "models.backbones",
     "load_checkpoint": "models.checkpoint", "XferlearnError": "errors",

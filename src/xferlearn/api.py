@@ -6,6 +6,7 @@
     model.predict(["a.jpeg", "b.jpeg"])
     model.evaluate("chest_xray/test")                               # = xferlearn.evaluate("runs/cxr", ...)
     model.explain("a.jpeg")                                         # Grad-CAM
+    model.stress("other_site/")                                     # = xferlearn.stress("runs/cxr", ...)
     model.export("onnx")                                            # = xferlearn.export("runs/cxr", "onnx")
     xferlearn.demo()             # the whole job on the packaged chest X-ray sample (xferlearn.datasets)
 
@@ -39,6 +40,10 @@ class Model(Predictor):
 
         return explain_one(self, item)
 
+    def stress(self, data: str | Path | None = None, out: str | Path | None = None, **options) -> dict:
+        """The stress test (see `xferlearn.stress`) with this loaded model."""
+        return stress(self.run, data, out, predictor=self, **options)
+
     def export(self, fmt: str = "onnx", out: str | Path | None = None, **options) -> dict[str, Path]:
         return export(self.run, fmt, out, **options)
 
@@ -67,6 +72,22 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
 
 
 def predict(run: str | Path, items, engine: str = "auto", **options) -> list[dict]:
+def stress(run: str | Path, data: str | Path | None = None, out: str | Path | None = None, *,
+           engine: str = "torch", **options) -> dict:
+    """Re-evaluate a run under acquisition-like shifts (blur, noise, JPEG, exposure...) at several
+    severities, at its own threshold; writes stress.json, stress.md and plots into `out`
+    (default RUN/stress) and returns the record. `data=None, split="val"`: the run's validation
+    images. Options as evaluation.stress.stress's (shifts, severities, limit, batch_size...)."""
+    from .evaluation.stress import stress as run_stress
+
+    if engine != "torch":
+        from .deploy.predict import load_engine
+
+        options["predictor"] = load_engine(run, engine)
+    return run_stress(run, data, out, **options)
+
+
+def predict(run: str | Path, items, engine: str = "torch", **options) -> list[dict]:
     """One row per image (paths, folders, bytes, PIL images or arrays) from a run on `engine`."""
     from .data.folders import expand_paths
     from .deploy.predict import load_engine

@@ -12,7 +12,8 @@ import logging
 import sys
 from dataclasses import fields
 
-from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, THRESHOLDS, TrainConfig
+from .config import COMPILE_MODES, ENGINES, PRECISIONS, TrainConfig
+from .cli_run import add_backbones, add_calibrate, add_explain, add_export, add_serve, add_stress
 from .errors import XferlearnError
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
@@ -180,110 +181,6 @@ def run_predict(args) -> int:
     return 0
 
 
-def add_backbones(commands) -> None:
-    parser = commands.add_parser("backbones", help="the backbones and which weights each can get right now",
-                                 epilog="example: xferlearn backbones --json")
-    parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
-                        help="print the table as JSON (default: %(default)s)")
-    parser.set_defaults(func=run_backbones)
-
-
-def run_backbones(args) -> int:
-    from .models.backbones import list_backbones
-
-    rows = list_backbones()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("name", "timm architecture", "weights available now", "default", "input")
-    for row in rows:
-        table.add_row(row["name"], row["arch"], ", ".join(row["weights"]) or "none here (random init only)",
-                      str(row["default_weights"]), str(row["input_size"]))
-    console = Console()
-    Console(width=max(console.width, 110)).print(table)  # piped output: keep names whole
-    print("Any other timm model name works too (with --weights imagenet, a file, or none).")
-    return 0
-
-
-def add_serve(commands) -> None:
-    parser = commands.add_parser("serve", help="serve a run over HTTP: POST /predict, GET /health, /model, an upload page",
-                                 description="Serve RUN over HTTP (uvicorn). Binds 127.0.0.1 unless --host says "
-                                             "otherwise; the upload page is at /, the API docs at /docs.",
-                                 epilog="example: xferlearn serve runs/ants --port 8000   (then open "
-                                        "http://127.0.0.1:8000/)")
-    parser.add_argument("run", help="a run folder made by `xferlearn train`")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default: 20)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="what computes the probabilities: auto (default; onnx-int8 where its export exists "
-                             "for the current checkpoint, else torch), torch, onnx (ONNX Runtime fp32) or onnx-int8 "
-                             "(its int8 quantisation, with its own validation threshold); ONNX engines export (and "
-                             "quantise) RUN on first use, as predict does")
-    parser.set_defaults(func=run_serve)
-
-
-def run_serve(args) -> int:
-    from .deploy.serve import serve
-
-    if not args.max_upload_mb > 0:
-        raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
-    serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
-          engine=args.engine)
-    return 0
-
-
-def add_explain(commands) -> None:
-    parser = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, one PNG per image",
-                                 description="Write NAME.gradcam.png into --out for each image: the image, its "
-                                             "Grad-CAM overlay for the predicted class, and the prediction. "
-                                             "Exits 1 when some files could not be read (the rest are written).",
-                                 epilog="example: xferlearn explain runs/ants photo.jpg --out heatmaps/")
-    parser.add_argument("run", help="a run folder made by `xferlearn train`")
-    parser.add_argument("paths", nargs="+", help="image files and/or folders")
-    parser.add_argument("--out", default=".", help="folder for the PNGs (default: the current folder)")
-    parser.set_defaults(func=run_explain)
-
-
-def run_explain(args) -> int:
-    from .evaluation.explain import explain_files
-
-    skipped = []
-
-    def report_skip(path, reason):
-        skipped.append(path)
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-
-    for path in explain_files(args.run, args.paths, args.out, on_skip=report_skip):
-        print(path)
-    return 1 if skipped else 0
-
-
-def add_export(commands) -> None:
-    parser = commands.add_parser("export", help="export a run as ONNX or TorchScript, with a model.json sidecar",
-                                 epilog="example: xferlearn export runs/ants --format onnx-int8")
-    parser.add_argument("run", help="a run folder made by `xferlearn train`")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
-                        help=f"one of {', '.join(EXPORT_FORMATS)}; onnx-int8: the ONNX export quantised to int8, "
-                             "kept only if validation AUC holds (default: onnx)")
-    parser.add_argument("--out", help="folder to write into (default: RUN/export)")
-    parser.add_argument("--calibration", help="(onnx-int8) a folder of images to measure activation ranges on "
-                                              "(default: a sample of the run's training images; never test images)")
-    parser.set_defaults(func=run_export)
-
-
-def run_export(args) -> int:
-    from .deploy.export import export
-
-    written = export(args.run, args.format, args.out, args.calibration)
-    for path in written.values():
-        print(path)
-    return 0
-
-
 def add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="the whole job on a chest X-ray sample that ships with xferlearn: "
                                               "train, evaluate, explain (no data of your own needed)",
@@ -306,58 +203,8 @@ def run_demo(args) -> int:
     return 0
 
 
-def add_calibrate(commands) -> None:
-    parser = commands.add_parser(
-        "calibrate", help="re-choose a run's threshold and temperature on a labelled sample from a new site",
-        description="Re-fit the temperature and re-choose the decision threshold of RUN on SITE_DATA (a folder of "
-                    "class folders, at least 20 images a class), without training the network; write the result "
-                    "as a new run folder --out that predict, evaluate, export and serve use as is. Judge it with "
-                    "`xferlearn evaluate` on OTHER images of the site: the figures printed here are on the "
-                    "sample the threshold was chosen on.",
-        epilog="example: xferlearn calibrate runs/cxr site_b_sample/ --out runs/cxr-site-b\n"
-               "         xferlearn evaluate runs/cxr-site-b site_b_other_images/")
-    parser.add_argument("run", help="a run folder made by `xferlearn train`")
-    parser.add_argument("site_data", help="a labelled sample from the site: one subfolder per class, as in training")
-    parser.add_argument("--out", required=True, help="the new run folder to write (must not hold a model yet)")
-    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=False,
-                        help="also make the probabilities refer to the sample's class balance (folded into the "
-                             "classifier's bias; use only if the sample's balance is the site's) (default: off)")
-    parser.add_argument("--threshold", choices=THRESHOLDS,
-                        help=f"the rule that picks the threshold, one of {', '.join(THRESHOLDS)} "
-                             "(default: the run's own rule)")
-    parser.add_argument("--target-sensitivity", type=float,
-                        help="with --threshold target_sensitivity: the sensitivity to reach, e.g. 0.95")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="bootstrap resamples for the threshold's 95%% interval (default: 1000)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
-    parser.set_defaults(func=run_calibrate)
-
-
-def run_calibrate(args) -> int:
-    from .training.site import calibrate_site
-
-    if args.bootstrap < 1:
-        raise XferlearnError(f"--bootstrap must be at least 1, not {args.bootstrap}.")
-    record = calibrate_site(args.run, args.site_data, args.out, prior=args.prior, threshold=args.threshold,
-                            target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
-                            batch_size=args.batch_size)
-    after, before, sample = record["after"], record["before"], record["on_sample_after"]
-    print(f"calibrated on {sum(record['counts'].values())} images {record['counts']} from {record['site_data']}")
-    print(f"temperature {before['temperature']:.3f} -> {after['temperature']:.3f}")
-    if after["threshold"] is not None:
-        low, high = after["operating_point"]["interval"]
-        old = record["on_sample_before"]
-        print(f"threshold {before['threshold']:.4f} -> {after['threshold']:.4f} "
-              f"(bootstrap 95% interval {low:.4f} to {high:.4f})")
-        print(f"on the sample (optimistic: chosen on it): sensitivity {old['sensitivity']:.4f} -> "
-              f"{sample['sensitivity']:.4f}, specificity {old['specificity']:.4f} -> {sample['specificity']:.4f}")
-    print(f"new run: {args.out} (evaluate it on other images of the site)")
-    return 0
-
-
-
 COMMANDS = [add_demo, add_train, add_evaluate, add_predict, add_backbones, add_serve, add_explain, add_export,
-            add_calibrate]
+            add_stress, add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

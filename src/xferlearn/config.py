@@ -31,6 +31,9 @@ AUGMENT_PRESETS = ("article", "xray", "robust", "none")  # defined in data/augme
 # passed its validation check for the current checkpoint (the fastest engine on CPU), else torch.
 ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")  # onnx-int8 is derived from onnx (deploy/quantize.py)
+# The stress test's acquisition-like shifts (defined in evaluation/corruptions.py) and where its images come from.
+STRESS_SHIFTS = ("gamma", "contrast", "blur", "noise", "jpeg", "lowres", "rotate", "zoom", "border", "text")
+STRESS_SPLITS = ("val",)
 # The augmentation each recipe uses unless --augment says otherwise (benchmarks/RESULTS.md has
 # the validation comparison behind the finetune choice).
 DEFAULT_AUGMENT = {"linear": "article", "finetune": "xray"}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import read_json
 from ..data.folders import ImageDataset, check_same_classes, class_folders, scan
 from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
@@ -24,6 +25,7 @@ from ..data.phash import hashes
 from .leaks import describe_overlap, find_overlap, load_split, refuse_overlap
 from .metrics import bootstrap_intervals, compute_metrics
 from .report import write_report
+from .stress_report import stress_section
 
 
 def evaluation_root(data: Path, classes: list[str]) -> Path:
@@ -43,6 +45,19 @@ def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_s
     batches = [predictor.probabilities(images) for images, _ in progress_bar(loader, len(loader), "predicting",
                                                                             quiet_below=2)]
     return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
+
+
+def validation_section(rundir: RunDir) -> str:
+    """What the run's validation was, and what neither it nor these figures can show."""
+    split = read_json(rundir.split)
+    where = (f"{len(split['val'])} images carved from the training folder ({split.get('how', '')})"
+             if isinstance(split, dict) and split.get("val") else "images carved from the training folder")
+    return ("## What validation was, and what it cannot show\n\n"
+            f"The threshold and the training-time figures come from the run's validation split: {where}. "
+            "That split is in-distribution: the same source, devices and habits as the training images. It "
+            "cannot show how the model holds up on images from other sites or devices, and neither can the "
+            "figures above unless the data evaluated comes from elsewhere. `xferlearn stress` measures how far "
+            "acquisition-like shifts move the model; only labelled images from a new site measure it there.")
 
 
 def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *, batch_size: int = 32,
@@ -95,10 +110,11 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
     leak = "## Overlap with the run's images\n\n" + metrics["overlap"]["summary"] + (
         " (identical files by content hash; near copies, re-encoded or resized, by a perceptual hash)"
         if overlap.get("checked") else "")
-    chosen = training_figures(checkpoint.metrics)
+    sections = [leak, operating_point, training_figures(checkpoint.metrics), validation_section(rundir),
+                stress_section(rundir.root), gallery_section]
     write_report(out_dir, metrics, labels, probs, predictor.classes, title="xferlearn evaluation",
                  run_info=run_info, history_csv=history, intervals=intervals,
-                 extra_sections=[leak, operating_point] + ([chosen] if chosen else []) + ([gallery_section] if gallery_section else []))
+                 extra_sections=[section for section in sections if section])
     metrics["intervals"] = intervals
     return metrics
 

@@ -189,6 +189,11 @@ def train_here(config: TrainConfig) -> TrainResult:
                                                                             "specificity"))
                   + f" at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
                   f"{seconds:.0f} s. Checkpoint: {path}", highlight=False)
+    console.print(f"These {'cross-validated' if folds else 'validation'} figures are in-distribution: "
+                  f"{len(val_idx)} images from {config.data}, the same source as the training images. They "
+                  "cannot show how the model holds up on other sites or devices: run "
+                  f"`xferlearn stress {run.root} --split val` for acquisition-like shifts, and evaluate on "
+                  "labelled images from elsewhere.", highlight=False)
     return TrainResult(run.root, path, metrics, seconds)
 
 
