@@ -71,7 +71,6 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
     return run_evaluation(run, data, out, **options)
 
 
-def predict(run: str | Path, items, engine: str = "auto", **options) -> list[dict]:
 def stress(run: str | Path, data: str | Path | None = None, out: str | Path | None = None, *,
            engine: str = "torch", **options) -> dict:
     """Re-evaluate a run under acquisition-like shifts (blur, noise, JPEG, exposure...) at several
@@ -87,7 +86,7 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     return run_stress(run, data, out, **options)
 
 
-def predict(run: str | Path, items, engine: str = "torch", **options) -> list[dict]:
+def predict(run: str | Path, items, engine: str = "auto", **options) -> list[dict]:
     """One row per image (paths, folders, bytes, PIL images or arrays) from a run on `engine`."""
     from .data.folders import expand_paths
     from .deploy.predict import load_engine
@@ -126,6 +125,8 @@ def demo(out: str | Path = "xferlearn-demo", *, force: bool = False, **options):
     from .quickstart import demo as run_demo
 
     return run_demo(out, force=force, **options)
+
+
 def calibrate(run: str | Path, site_data: str | Path, out: str | Path, **options) -> dict:
     """Re-choose `run`'s temperature and threshold (and with prior=True, its class prior) on a
     labelled sample from a new site; write the result as the new run `out`. Options as

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import socket
 import sys
 import threading

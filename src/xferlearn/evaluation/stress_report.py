@@ -49,7 +49,7 @@ def write_stress(out_dir: Path, record: dict, example: np.ndarray) -> dict[str, 
 
 def markdown(record: dict) -> str:
     binary = record.get("positive_class") is not None
-    clean, summary = record["clean"], record["summary"]
+    clean = record["clean"]
     counts = ", ".join(f"{name} {n}" for name, n in record["n_per_class"].items())
     lines = ["# xferlearn stress test", "",
              f"- Run: `{record['run']}`", f"- Data: {record['data']}", f"- Images: {record['n']} ({counts})"

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_curve
 from ..config import THRESHOLDS as THRESHOLD_METHODS
 from ..errors import XferlearnError
 from ..models.checkpoint import OperatingPoint
-from .metrics import DEFAULT_THRESHOLD, _labels, _logits, _scores, positive_index  # noqa: F401
+from .metrics import DEFAULT_THRESHOLD, _labels, _logits, _scores
 
 def choose_threshold(y_true, p_pos, method: str = "youden",
                      target_sensitivity: float | None = None, *, pos_label: int = 1) -> float:

@@ -15,7 +15,6 @@ A classifier in the weights is kept only where it has `num_classes` outputs, els
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util  # also binds importlib.import_module
 import logging
 import os
