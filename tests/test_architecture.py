@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xferlearn"
-STAGES = {"errors": 0, "_io": 0, "rundir": 0, "config": 0,
+STAGES = {"errors": 0, "_io": 0, "rundir": 0, "runlock": 0, "config": 0,
           "data": 1, "models": 2, "evaluation": 3, "training": 4, "deploy": 5, "api": 9, "cli": 9}
 
 

@@ -12,8 +12,13 @@ import logging
 import sys
 from dataclasses import fields
 
+from ._io import atomic_stream, os_error
 from .config import COMPILE_MODES, ENGINES, EXPORT_FORMATS, PRECISIONS, TrainConfig
 from .errors import XferlearnError
+
+# predict and explain share one rule for files they cannot read (said in both --help texts).
+UNREADABLE_RULE = ("Exit status: 0 when every file was read, 1 when some could not be (each is reported, the "
+                   "rest are done), 2 for an error that stops the command (one line saying what to do).")
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
 _HIDDEN = {"data"}
@@ -86,11 +91,13 @@ def run_evaluate(args) -> int:
 
 
 def add_predict(commands) -> None:
-    parser = commands.add_parser("predict", help="classify image files and folders (CSV or JSON on stdout)")
+    parser = commands.add_parser("predict", help="classify image files and folders (CSV or JSON on stdout)",
+                                 description="Classify image files and folders. " + UNREADABLE_RULE)
     parser.add_argument("run")
     parser.add_argument("paths", nargs="+", help="image files and/or folders")
     parser.add_argument("--format", choices=("csv", "json"), default="csv")
-    parser.add_argument("--output", "-o", help="write to this file instead of stdout")
+    parser.add_argument("--output", "-o", help="write to this file instead of stdout (written whole at the end, "
+                                               "atomically: an interrupted run leaves no partial file)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="(--engine torch) auto: bf16 where the hardware computes it natively")
@@ -111,14 +118,25 @@ def run_predict(args) -> int:
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
                             n_images=len(paths), batch_size=args.batch_size, tta=args.tta,
                             prevalence=args.prevalence)
-    rows = predictor.iter_predict(paths, batch_size=args.batch_size)
+    unreadable = []
+
+    def counted(rows):
+        for row in rows:
+            if row.get("error"):
+                unreadable.append(row["file"])
+            yield row
+
+    rows = counted(predictor.iter_predict(paths, batch_size=args.batch_size))
     if args.output:
-        with open(args.output, "w", newline="") as out:
+        with atomic_stream(args.output, newline="") as out:
             count = write_rows(rows, predictor.classes, args.format, out)
         print(f"{count} predictions written to {args.output}", file=sys.stderr)
     else:
         write_rows(rows, predictor.classes, args.format, sys.stdout)
-    return 0
+    if unreadable:
+        print(f"xferlearn: {len(unreadable)} of {len(paths)} files could not be read (their rows say why).",
+              file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def add_backbones(commands) -> None:
@@ -159,8 +177,10 @@ def add_serve(commands) -> None:
 
 
 def run_serve(args) -> int:
+    from .deploy.guards import tame_allocator
     from .deploy.serve import serve
 
+    tame_allocator()
     if not args.max_upload_mb > 0:
         raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
     serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
@@ -171,7 +191,7 @@ def add_explain(commands) -> None:
     parser = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, one PNG per image",
                                  description="Write NAME.gradcam.png into --out for each image: the image, its "
                                              "Grad-CAM overlay for the predicted class, and the prediction. "
-                                             "Exits 1 when some files could not be read (the rest are written).")
+                                             + UNREADABLE_RULE)
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("paths", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", default=".", help="folder for the PNGs (default: the current folder)")
@@ -231,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except XferlearnError as error:
         print(f"xferlearn: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write the library did not route through _io (a bug), still one line
+        print(f"xferlearn: error: {os_error(error.filename or '(unnamed file)', error, 'read or write')}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xferlearn: interrupted; completed work is kept (train again with --resume to continue).",

@@ -45,6 +45,7 @@ from ..data.images import UnreadableImage
 from ..errors import XferlearnError
 from ..models.predictor import Predictor, load_predictor
 from ..rundir import checkpoint_path
+from .guards import decode_slots, without_paths
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class _Service:
         self.predictor, self.model_id, self.max_pixels = predictor, identity, max_pixels
         self.model_lock = threading.Lock()
         self.runner = _BatchingRunner(predictor, self.model_lock)
-        self.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
+        self.decode_slots = threading.BoundedSemaphore(decode_slots())
 
     def check_pixels(self, data: bytes, name: str) -> None:
         """Refuse absurd pixel counts from the header alone, before any pixel is decoded."""
@@ -240,7 +241,7 @@ class _Service:
             return explanation_png(self.predictor, array)
 
     def card(self) -> dict:
-        card = plain(self.predictor.checkpoint.card())
+        card = without_paths(plain(self.predictor.checkpoint.card()))
         return {**card, "model_id": self.model_id, "input_size": self.predictor.preprocessing.input_size}
 
 
@@ -311,12 +312,15 @@ def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int =
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_unset=True,
               responses=ERROR_RESPONSES, summary="Classify one uploaded image")
-    async def predict(file: UploadFile = File(description="the image (JPEG, PNG, ...)"),
+    async def predict(request: Request, file: UploadFile = File(description="the image (JPEG, PNG, ...)"),
                       explain: bool = Query(False, description="add a Grad-CAM heatmap PNG (slower)")):
         media_type = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
         if not (media_type.startswith("image/") or media_type == "application/octet-stream"):
             raise HTTPException(415, f"{file.filename}: the file's type is {media_type}, "
                                      f"not {ACCEPTED_TYPES}")
+        files = (await request.form()).getlist("file")  # parsed once already: FastAPI's own form
+        if len(files) > 1:  # one image per request; a silent pick of the last would answer the wrong one
+            raise HTTPException(422, f"send one image per request in the field 'file' (got {len(files)})")
         data = await _read_limited(file, max_upload_bytes)
         return await run_in_threadpool(service.predict, data, file.filename or "upload", explain)
 

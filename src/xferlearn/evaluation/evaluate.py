@@ -49,7 +49,12 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
     With `gallery` (two classes only), the report shows the most confident false positives and
     false negatives with their Grad-CAM heatmaps. `tta` (None: as the threshold was chosen)
     and `prevalence` (the positive share to correct probabilities to) are Predictor's."""
-    run = Path(run)
+    with RunDir.of(run).lock_writes_to(out, "evaluate"):
+        return _evaluate(Path(run), data, out, batch_size=batch_size, n_boot=n_boot, cache_dir=cache_dir,
+                         precision=precision, gallery=gallery, tta=tta, prevalence=prevalence)
+
+
+def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision, gallery, tta, prevalence) -> dict:
     predictor = load_predictor(run, precision=precision, tta=tta, prevalence=prevalence)
     root = evaluation_root(Path(data), predictor.classes)
     pre = predictor.preprocessing

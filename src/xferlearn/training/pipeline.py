@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
-from .._io import os_error, write_json
+from .._io import file_sha256, os_error, write_json
 from ..config import TrainConfig
 from ..data.folders import find_layout, save_split, scan, split_validation
 from ..data.images import DecodeCache
@@ -27,6 +27,7 @@ from ..models.backbones import create_model, resolve
 from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
 from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
+from .checkpoints import begin_attempt, run_identity
 from .finetune import finetune
 from .linear import effective_prior, fit_head
 from .loop import console
@@ -61,6 +62,11 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
                                                      config.image_size)
     arch = resolve(config.backbone)
+    with RunDir(config.out).lock("train"):  # one writer per run folder, for the whole command
+        return _train(config, model, preprocessing, weights_tag, arch, layout, started)
+
+
+def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: str, layout, started: float):
     run = prepare_run(config)
     config.save(run.config)
 
@@ -73,6 +79,7 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
     train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.seed)
     save_split(run.split, manifest, train_idx, val_idx, how)
     console.print(f"Validation split: {len(val_idx)} images ({how}).")
+    begin_attempt(run, run_identity(config.to_dict(), manifest, train_idx, val_idx), config.resume, console.print)
 
     if config.recipe == "finetune":
         selection = finetune(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing, cache,
@@ -86,7 +93,8 @@ def train(config: TrainConfig | None = None, **options) -> TrainResult:
                             positive_index=positive_index(manifest.classes) if len(manifest.classes) == 2 else None,
                             operating_point=OperatingPoint("argmax"), state_dict=model.state_dict(),
                             config=config.to_dict(), tta=config.tta, image_size=config.image_size,
-                            class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config))
+                            class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config),
+                            split_sha256=file_sha256(run.split))
     val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits)
     metrics = checkpoint.metrics
     metrics["selection"] = selection
