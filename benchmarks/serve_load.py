@@ -1,6 +1,7 @@
 """Load on `xferlearn serve`: requests/s and latency for real X-ray uploads over 127.0.0.1.
 
     python benchmarks/serve_load.py [--run RUN] [--requests 500] [--concurrency 16] [--explain]
+    python benchmarks/serve_load.py --soak [--requests 2000] [--rss-ceiling-mb 2048] [--arena-max N]
 
 Without --run it first trains efficientnet_lite0 (packaged weights, offline) on a small
 slice of ../shared/data/chest_xray_224/train. The server runs as its own process
@@ -9,6 +10,12 @@ slice of ../shared/data/chest_xray_224/train. The server runs as its own process
 in flight; it sends the bounded number of requests (original-size X-rays from
 ../shared/data/samples_original unless --images says otherwise), prints its figures with
 the machine and the command that made them, stops the server and exits (1 if any failed).
+
+--soak watches the server's resident memory while the load runs (sampled every 0.5 s, and its
+peak from /proc/PID/status VmHWM) and exits 1 when the peak passes --rss-ceiling-mb (default
+2048) or any request failed. `xferlearn serve` caps glibc's malloc arenas at two; --arena-max N
+sets MALLOC_ARENA_MAX=N for the server instead (e.g. 16, glibc's own default on 2 cores), to
+compare.
 """
 
 from __future__ import annotations
@@ -60,10 +67,11 @@ def train_small_run(workdir: Path, per_class: int) -> Path:
     return result.run_dir
 
 
-def start_server(run: Path, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(run: Path, port: int, log_path: Path, arena_max: int | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
+    env = {**os.environ, **({"MALLOC_ARENA_MAX": str(arena_max)} if arena_max else {})}
     server = subprocess.Popen([sys.executable, "-m", "xferlearn.cli", "serve", str(run), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180
     with httpx.Client(trust_env=False, timeout=5) as client:
         while time.monotonic() < deadline:
@@ -111,6 +119,41 @@ async def send_load(url: str, images: list[tuple[str, bytes]], requests: int, co
         return latencies, errors, time.perf_counter() - started
 
 
+def resident_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS) or its peak so far (VmHWM), in MB; 0 where /proc has none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class MemoryWatch:
+    """Samples a process's resident memory every `every` seconds in a thread while the load runs."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        import threading
+
+        self.pid, self.every, self.samples = pid, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(resident_mb(self.pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="a run folder; without it, efficientnet_lite0 is trained first")
@@ -120,7 +163,13 @@ def main() -> int:
                         help="a folder of images to upload (default: the shared original-size X-rays)")
     parser.add_argument("--explain", action="store_true", help="ask for Grad-CAM heatmaps too")
     parser.add_argument("--train-per-class", type=int, default=40, help="images per class for the quick run")
+    parser.add_argument("--soak", action="store_true",
+                        help="watch the server's resident memory; default --requests becomes 2000")
+    parser.add_argument("--rss-ceiling-mb", type=float, default=2048, help="(--soak) the most the peak may be")
+    parser.add_argument("--arena-max", type=int, help="set MALLOC_ARENA_MAX for the server (default: xferlearn's 2)")
     args = parser.parse_args()
+    if args.soak and "--requests" not in sys.argv:
+        args.requests = 2000
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
@@ -132,11 +181,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         run = args.run or train_small_run(Path(tmp), args.train_per_class)
         port = free_port()
-        server = start_server(run, port, Path(tmp) / "server.log")
+        server = start_server(run, port, Path(tmp) / "server.log", args.arena_max)
         try:
             card = httpx.get(f"http://127.0.0.1:{port}/model", trust_env=False).json()
-            latencies, errors, wall = asyncio.run(send_load(f"http://127.0.0.1:{port}", images, args.requests,
-                                                            args.concurrency, args.explain))
+            at_rest = resident_mb(server.pid)
+            with MemoryWatch(server.pid) as watch:
+                latencies, errors, wall = asyncio.run(send_load(f"http://127.0.0.1:{port}", images, args.requests,
+                                                                args.concurrency, args.explain))
+            peak, after = resident_mb(server.pid, "VmHWM"), resident_mb(server.pid)
         finally:
             server.terminate()
             try:
@@ -156,11 +208,18 @@ def main() -> int:
         p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
         print(f"  latency          p50 {p50:.0f} ms, p99 {p99:.0f} ms")
     print(f"  errors           {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+    arenas = f"MALLOC_ARENA_MAX={args.arena_max}" if args.arena_max else "xferlearn's default (2 malloc arenas)"
+    samples = watch.samples or [0.0]
+    print(f"  resident memory  {at_rest:.0f} MB at rest, {after:.0f} MB after, peak {peak:.0f} MB "
+          f"(sampled: max {max(samples):.0f} MB, {len(samples)} samples; {arenas})")
+    over = args.soak and peak >= args.rss_ceiling_mb
+    if args.soak:
+        print(f"  soak             peak {'OVER' if over else 'under'} the {args.rss_ceiling_mb:.0f} MB ceiling")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"  machine          {usable} usable cores of {os.cpu_count()}, {cpu_model()}, "
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
     print(f"  command          {shlex.join([Path(sys.executable).name, *sys.argv])}")
-    return 1 if errors else 0
+    return 1 if errors or over else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +117,15 @@ def test_too_few_images_to_split(tmp_path, cache):
     manifest = scan(make_folder(tmp_path / "d", per_class=3), cache)
     with pytest.raises(XferlearnError, match="Too few images"):
         split_validation(manifest, 0.2)
+
+
+def test_symlink_loops_and_dangling_links_are_listed_as_unreadable(image_folder, cache):
+    normal = image_folder / "NORMAL"
+    (normal / "loop-a.jpeg").symlink_to(normal / "loop-b.jpeg")
+    (normal / "loop-b.jpeg").symlink_to(normal / "loop-a.jpeg")
+    (normal / "gone.jpeg").symlink_to(image_folder / "nowhere.jpeg")
+    manifest = scan(image_folder, cache)
+    reasons = {Path(path).name: reason for path, reason in manifest.unreadable}
+    assert set(reasons) == {"loop-a.jpeg", "loop-b.jpeg", "gone.jpeg"}  # none silently dropped
+    assert "symbolic links" in reasons["loop-a.jpeg"] and "No such file" in reasons["gone.jpeg"]
+    assert len(manifest.samples) == 28
