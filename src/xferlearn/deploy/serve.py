@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import socket
 import sys
 import threading
