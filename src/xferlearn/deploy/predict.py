@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import ENGINES
 from ..errors import XferlearnError
 from ..rundir import checkpoint_path
-from .export import ensure_onnx
+from .export import ensure_onnx, export
 from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, read_sidecar
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,8 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -
         return OnnxPredictor(run, threads, int8=int8)
     folder = ensure_onnx(run)
     if int8 and ("int8" not in read_sidecar(folder / SIDECAR) or not (folder / INT8_FILE).is_file()):
-        from .quantize import export_int8  # here: it brings scikit-learn, which plain ONNX prediction never needs
-
         log.info("quantising %s to int8", folder / FORMATS["onnx"])
-        export_int8(run, folder)
+        export(run, "onnx-int8", folder)  # under the run's lock, as `xferlearn export` is
     return OnnxPredictor(folder, threads, int8=int8)
 
 
