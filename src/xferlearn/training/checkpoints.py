@@ -85,8 +85,10 @@ def load_resumable(path: Path, identity: str | None, what: str = "checkpoint") -
         raise XferlearnError(f"--resume: {path} is not a {what} of this run; rerun without --resume.")
     stamped = record.get(IDENTITY_KEY)
     if identity is not None and stamped != identity:
-        raise XferlearnError(f"--resume: the {what} {path} belongs to another run (identity {stamped}, this run "
-                             f"{identity}); it was not used. Rerun without --resume to start afresh.")
+        whose = ("carries no run identity (an older xferlearn, or another tool, wrote it)" if stamped is None
+                 else f"belongs to another run (identity {stamped}, this run {identity})")
+        raise XferlearnError(f"--resume: the {what} {path} {whose}; it was not used. Rerun without --resume to "
+                             "start afresh.")
     return record
 
 
