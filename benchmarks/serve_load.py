@@ -17,6 +17,14 @@ turn, and a table gives requests/s, p50/p99 latency and errors side by side. The
 engine whose export is refused (int8 moving validation AUC too far) is named, not measured.
 The targets of issue 13 (at 16 clients: >= 100 requests/s, p99 <= 300 ms, 0 errors) are
 checked per engine.
+
+    python benchmarks/serve_load.py --soak --engines default --requests 2000 [--rss-ceiling-mb 2048] [--arena-max N]
+
+Each server's resident memory is watched while its load runs (sampled every 0.5 s, and its
+peak from /proc/PID/status VmHWM). --soak exits 1 when a peak passes --rss-ceiling-mb
+(default 2048) or any request failed. `xferlearn serve` caps glibc's malloc arenas at two;
+--arena-max N sets MALLOC_ARENA_MAX=N for the server instead (e.g. 16, glibc's own default
+on 2 cores), to compare.
 """
 
 from __future__ import annotations
@@ -68,11 +76,13 @@ def train_small_run(workdir: Path, per_class: int) -> Path:
     return result.run_dir
 
 
-def start_server(run: Path, port: int, log_path: Path, engine: str | None = None) -> subprocess.Popen:
+def start_server(run: Path, port: int, log_path: Path, engine: str | None = None,
+                 arena_max: int | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
+    env = {**os.environ, **({"MALLOC_ARENA_MAX": str(arena_max)} if arena_max else {})}
     server = subprocess.Popen([sys.executable, "-m", "xferlearn.cli", "serve", str(run), "--host", "127.0.0.1",
                                "--port", str(port), *(["--engine", engine] if engine else [])],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180
     with httpx.Client(trust_env=False, timeout=5) as client:
         while time.monotonic() < deadline:
@@ -120,6 +130,41 @@ async def send_load(url: str, images: list[tuple[str, bytes]], requests: int, co
         return latencies, errors, time.perf_counter() - started
 
 
+def resident_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS) or its peak so far (VmHWM), in MB; 0 where /proc has none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class MemoryWatch:
+    """Samples a process's resident memory every `every` seconds in a thread while the load runs."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        import threading
+
+        self.pid, self.every, self.samples = pid, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(resident_mb(self.pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def prepare(run: Path, engine: str) -> str | None:
     """Export (and quantise) for an ONNX engine before its server starts; the reason where refused."""
     if engine not in ("onnx", "onnx-int8"):
@@ -135,11 +180,14 @@ def prepare(run: Path, engine: str) -> str | None:
 
 def load_engine_server(run: Path, engine: str, images, args, tmp: Path) -> dict:
     port = free_port()
-    server = start_server(run, port, tmp / f"server-{engine}.log", engine)
+    server = start_server(run, port, tmp / f"server-{engine}.log", engine, args.arena_max)
     try:
         card = httpx.get(f"http://127.0.0.1:{port}/model", trust_env=False).json()
-        latencies, errors, wall = asyncio.run(send_load(f"http://127.0.0.1:{port}", images, args.requests,
-                                                        args.concurrency, args.explain))
+        at_rest = resident_mb(server.pid)
+        with MemoryWatch(server.pid):
+            latencies, errors, wall = asyncio.run(send_load(f"http://127.0.0.1:{port}", images, args.requests,
+                                                            args.concurrency, args.explain))
+        peak, after = resident_mb(server.pid, "VmHWM"), resident_mb(server.pid)
     finally:
         server.terminate()
         try:
@@ -147,7 +195,7 @@ def load_engine_server(run: Path, engine: str, images, args, tmp: Path) -> dict:
         except subprocess.TimeoutExpired:
             server.kill()
     result = {"engine": card.get("engine", engine), "card": card, "answered": len(latencies), "errors": errors,
-              "wall": wall, "rps": len(latencies) / wall}
+              "wall": wall, "rps": len(latencies) / wall, "rest_mb": at_rest, "after_mb": after, "peak_mb": peak}
     if latencies:
         result["p50"], result["p99"] = (float(v) for v in np.percentile(np.array(latencies) * 1000, [50, 99]))
     return result
@@ -165,6 +213,10 @@ def main() -> int:
                         help="a folder of images to upload (default: the shared original-size X-rays)")
     parser.add_argument("--explain", action="store_true", help="ask for Grad-CAM heatmaps too")
     parser.add_argument("--train-per-class", type=int, default=40, help="images per class for the quick run")
+    parser.add_argument("--soak", action="store_true",
+                        help="exit 1 when a server's peak resident memory passes --rss-ceiling-mb")
+    parser.add_argument("--rss-ceiling-mb", type=float, default=2048, help="(--soak) the most the peak may be")
+    parser.add_argument("--arena-max", type=int, help="set MALLOC_ARENA_MAX for the server (default: xferlearn's 2)")
     args = parser.parse_args()
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
@@ -192,12 +244,19 @@ def main() -> int:
     print(f"  model            {card.get('model_id')} at {card.get('input_size')} px"
           f" ({run if args.run else 'trained for this benchmark'})")
     print(f"  images           {len(images)} files from {args.images}, {min(sizes) // 1024}-{max(sizes) // 1024} KB")
-    print("\n| engine | requests/s | p50 ms | p99 ms | errors | target: >= 100 req/s, p99 <= 300 ms, 0 errors |")
-    print("|---|---|---|---|---|---|")
+    arenas = f"MALLOC_ARENA_MAX={args.arena_max}" if args.arena_max else "xferlearn's default, 2 malloc arenas"
+    print(f"\n| engine | requests/s | p50 ms | p99 ms | errors | memory MB: rest / after / peak ({arenas}) "
+          "| target: >= 100 req/s, p99 <= 300 ms, 0 errors |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         met = r["rps"] >= 100 and r.get("p99", float("inf")) <= 300 and not r["errors"]
         print(f"| {r['engine']} | {r['rps']:.1f} | {r.get('p50', float('nan')):.0f} | {r.get('p99', float('nan')):.0f}"
-              f" | {len(r['errors'])} | {'met' if met else 'NOT met'} |")
+              f" | {len(r['errors'])} | {r['rest_mb']:.0f} / {r['after_mb']:.0f} / {r['peak_mb']:.0f} "
+              f"| {'met' if met else 'NOT met'} |")
+    over = [r["engine"] for r in results if args.soak and r["peak_mb"] >= args.rss_ceiling_mb]
+    if args.soak:
+        print(f"  soak             peak memory {'OVER' if over else 'under'} the {args.rss_ceiling_mb:.0f} MB ceiling"
+              + (f" ({', '.join(over)})" if over else ""))
     for r in results:
         if r["errors"]:
             print(f"  {r['engine']}: first error: {r['errors'][0]}")
@@ -208,7 +267,7 @@ def main() -> int:
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     print(f"  command          {shlex.join([Path(sys.executable).name, *sys.argv])}")
-    return 1 if any(r["errors"] for r in results) or not results else 0
+    return 1 if any(r["errors"] for r in results) or not results or over else 0
 
 
 if __name__ == "__main__":

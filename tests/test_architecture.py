@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xferlearn"
-STAGES = {"errors": 0, "_io": 0, "rundir": 0, "config": 0, "cli_run": 9,
-          "data": 1, "datasets": 1, "models": 2, "evaluation": 3, "training": 4, "deploy": 5, "api": 9, "quickstart": 9, "cli": 9}
+STAGES = {"errors": 0, "_io": 0, "rundir": 0, "runlock": 0, "config": 0, "cli_run": 9,
+          "data": 1, "datasets": 1, "models": 2, "evaluation": 3, "training": 4, "deploy": 5, "api": 9, "quickstart": 9,
+          "cli": 9}
 
 
 def module_name(path: Path) -> str:

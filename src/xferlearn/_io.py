@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import XferlearnError
@@ -69,6 +70,34 @@ def atomic_write(path: str | Path, data: bytes | str | Iterable[bytes], durable:
             Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_stream(path: str | Path, newline: str | None = None):
+    """A text file written as it streams (`predict -o`), by the same rule as `atomic_write`:
+    into a temporary file beside the target, fsynced and renamed over it only when the block
+    ends without error; an error leaves no partial file and any earlier version whole."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w", newline=newline) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise os_error(path, error) from None
+    except BaseException:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def plain(value):

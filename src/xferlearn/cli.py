@@ -13,8 +13,13 @@ import sys
 from dataclasses import fields
 
 from .config import COMPILE_MODES, ENGINES, PRECISIONS, TrainConfig
-from .cli_run import add_backbones, add_calibrate, add_explain, add_export, add_serve, add_stress
+from .cli_run import UNREADABLE_RULE, add_backbones, add_calibrate, add_explain, add_export, add_serve, add_stress
+from ._io import atomic_stream, os_error
 from .errors import XferlearnError
+
+# predict and explain share one rule for files they cannot read (said in both --help texts).
+UNREADABLE_RULE = ("Exit status: 0 when every file was read, 1 when some could not be (each is reported, the "
+                   "rest are done), 2 for an error that stops the command (one line saying what to do).")
 
 # TrainConfig fields the CLI does not expose as flags (data is positional).
 _HIDDEN = {"data"}
@@ -135,6 +140,7 @@ def run_evaluate(args) -> int:
 
 def add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="classify image files and folders (CSV or JSON on stdout)",
+                                 description="Classify image files and folders. " + UNREADABLE_RULE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="examples:\n  xferlearn predict runs/ants photo.jpg more_photos/\n"
                                         "  xferlearn predict runs/ants folder/ --engine onnx-int8 --format json "
@@ -142,7 +148,8 @@ def add_predict(commands) -> None:
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("paths", nargs="+", help="image files and/or folders")
     parser.add_argument("--format", choices=("csv", "json"), default="csv", help="csv or json (default: csv)")
-    parser.add_argument("--output", "-o", help="write to this file instead of stdout (default: stdout)")
+    parser.add_argument("--output", "-o", help="write to this file instead of stdout (default: stdout; written "
+                                               "whole at the end, atomically: an interrupted run leaves no partial file)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help=f"(--engine torch) one of {', '.join(PRECISIONS)}; auto: bf16 where the hardware "
@@ -168,17 +175,25 @@ def run_predict(args) -> int:
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
                             n_images=len(paths), batch_size=args.batch_size, tta=args.tta,
                             prevalence=args.prevalence)
-    if args.engine == "auto" and predictor.engine == "torch" and len(paths) >= 1000:
-        print(f"xferlearn: predicting with PyTorch; `xferlearn export {args.run} --format onnx-int8` makes the "
-              "int8 engine (checked on validation), which `predict` then uses by default.", file=sys.stderr)
-    rows = predictor.iter_predict(paths, batch_size=args.batch_size)
+    unreadable = []
+
+    def counted(rows):
+        for row in rows:
+            if row.get("error"):
+                unreadable.append(row["file"])
+            yield row
+
+    rows = counted(predictor.iter_predict(paths, batch_size=args.batch_size))
     if args.output:
-        with open(args.output, "w", newline="") as out:
+        with atomic_stream(args.output, newline="") as out:
             count = write_rows(rows, predictor.classes, args.format, out)
         print(f"{count} predictions written to {args.output}", file=sys.stderr)
     else:
         write_rows(rows, predictor.classes, args.format, sys.stdout)
-    return 0
+    if unreadable:
+        print(f"xferlearn: {len(unreadable)} of {len(paths)} files could not be read (their rows say why).",
+              file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def add_demo(commands) -> None:
@@ -229,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except XferlearnError as error:
         print(f"xferlearn: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write the library did not route through _io (a bug), still one line
+        print(f"xferlearn: error: {os_error(error.filename or '(unnamed file)', error, 'read or write')}",
+              file=sys.stderr)
+        return 2
+    except OSError as error:  # a write the library did not route through _io (a bug), still one line
+        print(f"xferlearn: error: {os_error(error.filename or '(unnamed file)', error, 'read or write')}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xferlearn: interrupted; completed work is kept (train again with --resume to continue).",

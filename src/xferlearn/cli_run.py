@@ -13,6 +13,10 @@ from .config import EXPORT_FORMATS, ENGINES, STRESS_SHIFTS, STRESS_SPLITS, THRES
 from .errors import XferlearnError
 from .rundir import RunDir
 
+# predict and explain share one rule for files they cannot read (said in both --help texts).
+UNREADABLE_RULE = ("Exit status: 0 when every file was read, 1 when some could not be (each is reported, the "
+                   "rest are done), 2 for an error that stops the command (one line saying what to do).")
+
 
 def add_backbones(commands) -> None:
     parser = commands.add_parser("backbones", help="the backbones and which weights each can get right now",
@@ -61,8 +65,10 @@ def add_serve(commands) -> None:
 
 
 def run_serve(args) -> int:
+    from .deploy.guards import tame_allocator
     from .deploy.serve import serve
 
+    tame_allocator()
     if not args.max_upload_mb > 0:
         raise XferlearnError(f"--max-upload-mb must be positive, not {args.max_upload_mb}.")
     serve(args.run, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -74,7 +80,7 @@ def add_explain(commands) -> None:
     parser = commands.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, one PNG per image",
                                  description="Write NAME.gradcam.png into --out for each image: the image, its "
                                              "Grad-CAM overlay for the predicted class, and the prediction. "
-                                             "Exits 1 when some files could not be read (the rest are written).",
+                                             + UNREADABLE_RULE,
                                  epilog="example: xferlearn explain runs/ants photo.jpg --out heatmaps/")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("paths", nargs="+", help="image files and/or folders")

@@ -13,6 +13,8 @@
     RUN/stress/                      the latest `stress` test
     RUN/explanations/                Grad-CAM PNGs that `xferlearn demo` writes
     RUN/calibration.json             where `xferlearn calibrate` re-chose the operating point, and what changed
+    RUN/identity.json                what run this is (config, data, split): --resume checks it
+    RUN/.lock                        the writer lock (runlock.py), holder's pid and host
 
 Every command finds its files through `RunDir`; none spells a file name itself.
 """
@@ -75,6 +77,31 @@ class RunDir:
     @property
     def explanations(self) -> Path:
         return self.root / "explanations"
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "identity.json"
+
+    def lock(self, command: str | None = None):
+        """Context manager: hold the run's writer lock (runlock.py) for a whole command."""
+        from .runlock import run_lock
+
+        return run_lock(self.root, command)
+
+    def lock_writes_to(self, folder: str | Path | None, command: str | None = None):
+        """The run's lock when `folder` (None: the run itself) lies inside the run; else nothing to hold."""
+        from contextlib import nullcontext
+
+        folder = Path(folder) if folder is not None else self.root
+        try:
+            inside = folder.resolve().is_relative_to(self.root.resolve())
+        except OSError:
+            inside = True
+        return self.lock(command) if inside and self.root.is_dir() else nullcontext()
+
+    def resumable(self) -> list[Path]:
+        """What an interrupted run leaves for --resume: Lightning checkpoints, finished stages, logs."""
+        return [self.root / "lightning", self.root / "stages", self.root / "logs"]
 
     def history(self, stage: str = "") -> Path:
         return self.root / "logs" / stage / "metrics.csv"

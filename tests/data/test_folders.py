@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,13 @@ def test_patients_are_mentioned_only_where_files_carry_them(tmp_path, cache):
     xrays = scan(make_folder(tmp_path / "xray", per_class=10), cache)
     *_, how = split_validation(xrays, 0.2)
     assert "grouped by patient (20 of 20 files carry a patient id)" in how
+def test_symlink_loops_and_dangling_links_are_listed_as_unreadable(image_folder, cache):
+    normal = image_folder / "NORMAL"
+    (normal / "loop-a.jpeg").symlink_to(normal / "loop-b.jpeg")
+    (normal / "loop-b.jpeg").symlink_to(normal / "loop-a.jpeg")
+    (normal / "gone.jpeg").symlink_to(image_folder / "nowhere.jpeg")
+    manifest = scan(image_folder, cache)
+    reasons = {Path(path).name: reason for path, reason in manifest.unreadable}
+    assert set(reasons) == {"loop-a.jpeg", "loop-b.jpeg", "gone.jpeg"}  # none silently dropped
+    assert "symbolic links" in reasons["loop-a.jpeg"] and "No such file" in reasons["gone.jpeg"]
+    assert len(manifest.samples) == 28

@@ -1,6 +1,10 @@
 """Decoding: every image kind becomes the same (size, size, 3) uint8 array; bad files say why."""
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +111,68 @@ def test_cache_keeps_gray_images_as_one_channel_and_gives_back_rgb(tmp_path):
         assert np.array_equal(first, again) and np.array_equal(again, decode(path.read_bytes(), 32))
     stored = {p.stem: np.load(p).shape for p in (tmp_path / "cache").rglob("*.npy")}
     assert sorted(stored.values()) == [(32, 32), (32, 32, 3)]
+
+
+# --- memory bounded by design (issue 12) ----------------------------------------------------------
+def test_jpeg_draft_decode_matches_the_full_decode_within_tolerance(monkeypatch):
+    """A large JPEG decodes at a reduced DCT scale, then resizes exactly: the result stays within
+    a mean absolute difference of 2 levels (max 80, at sharp edges) of the full-size decode's."""
+    import xferlearn.data.images as images
+
+    yy, xx = np.mgrid[:1800, :1500]
+    field = 128 + 60 * np.sin(xx / 90) * np.cos(yy / 70) + np.random.default_rng(0).normal(0, 8, xx.shape)
+    field[600:900, 400:700] = 250  # a sharp-edged bright patch, as a rib or a marker
+    data = encode(Image.fromarray(field.clip(0, 255).astype(np.uint8)), "JPEG", quality=92)
+    drafted = decode(data, 224)
+    from PIL import JpegImagePlugin
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None)  # full-size decode
+    full = decode(data, 224)
+    difference = np.abs(drafted.astype(int) - full)
+    assert 0 < difference.mean() <= 2.0 and difference.max() <= 80
+    assert images.decoded_bytes(Image.open(io.BytesIO(data))) == 1800 * 1500
+
+
+def test_the_byte_budget_counts_depth_and_channels():
+    from xferlearn.data.images import MAX_DECODE_BYTES
+
+    rgb16 = np.zeros((6000, 6000, 3), dtype=np.uint16)  # 36 MP: under the pixel bound, 216 MB decoded
+    header = encode(Image.fromarray(rgb16[..., 0]).convert("I;16"))  # PNG, compresses to almost nothing
+    assert len(header) < 200_000 and 6000 * 6000 * 2 < MAX_DECODE_BYTES  # 16-bit gray 6000^2: within budget
+    big = Image.new("RGBA", (9000, 9000))  # 81 MP RGBA: 324 MB decoded, over the budget
+    with pytest.raises(UnreadableImage, match="too large to decode.*budget"):
+        decode(encode(big), 224)
+
+
+BOMB = """
+import io, resource, sys
+import numpy as np
+from PIL import Image
+from xferlearn.data.images import UnreadableImage, decode
+
+deep = (np.arange(7000 * 7000, dtype=np.uint32).reshape(7000, 7000) // 7000 * 9).astype(np.uint16)
+buffer = io.BytesIO()
+Image.fromarray(deep).save(buffer, "PNG")
+data = buffer.getvalue()
+del deep, buffer
+size = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+cap = size + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+try:
+    array = decode(data, 224)
+    print("decoded", len(data), array.shape, array.min() < 10 and array.max() > 245)
+except UnreadableImage as error:
+    print("refused", error)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads its address space from /proc")
+def test_sixteen_bit_7000_square_png_decodes_within_a_memory_cap():
+    """The issue's 16-bit 7000x7000 PNG (98 MB of pixels) took 1.4 GB to decode; under a cap of
+    600 MB above the interpreter's own address space it must decode (or be refused), never
+    exhaust memory. In a subprocess, so that a regression fails instead of taking the machine."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    result = subprocess.run([sys.executable, "-c", BOMB, "600"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.startswith("decoded") and "(224, 224, 3) True" in result.stdout, result.stdout

@@ -151,3 +151,17 @@ def test_int8_refused_when_calibration_ranges_are_wrong(shared_data, tmp_path):
     assert not list((run / "export").glob(".int8-*"))  # no staging left behind
     with pytest.raises(XferlearnError, match="needs model.int8.onnx"):
         OnnxPredictor(run / "export", int8=True)
+
+
+def test_int8_refuses_a_split_that_is_not_the_models(tiny_run, tmp_path, capsys):
+    """Another split of the same images (here train and validation swapped) would check the int8
+    model on images it was trained on: refused, by the split's hash recorded at training time."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    split = json.loads((run / "split.json").read_text())
+    split["train"], split["val"] = split["val"], split["train"]
+    (run / "split.json").write_text(json.dumps(split))
+    assert load_checkpoint(run).split_sha256  # recorded at training time
+    assert main(["export", str(run), "--format", "onnx-int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not the split this model was trained with" in err
+    assert not (run / "export" / "model.int8.onnx").exists()

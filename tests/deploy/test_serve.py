@@ -384,3 +384,29 @@ def test_serve_refuses_an_unknown_engine_and_onnx_for_a_loaded_predictor(tiny_ru
         create_app(tiny_run, engine="tensorrt")
     with pytest.raises(XferlearnError, match="loaded Predictor runs on PyTorch"):
         create_app(load(tiny_run), engine="onnx")
+# --- issue 12: no server paths, one image per request, bounded decodes ---------------------------------
+def test_model_card_shows_no_server_paths(client, tiny_run):
+    text = client.get("/model").text
+    card = json.loads(text)
+    for place in (str(tiny_run), str(tiny_run.parent), "/tmp", "best.ckpt", str(Path.home())):
+        assert place not in text, place
+    assert "data" not in card["config"] and "out" not in card["config"] and "cache_dir" not in card["config"]
+    assert "best_checkpoint" not in card["metrics"]["selection"]
+    assert card["config"]["backbone"] == "resnet18"  # the rest of the card is kept
+
+
+def test_several_file_parts_are_refused(client):
+    files = [("file", ("a.png", encoded(square(40)), "image/png")), ("file", ("b.png", encoded(square(150)), "image/png"))]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 422 and "one image per request" in response.json()["error"]
+    assert "(got 2)" in response.json()["error"]
+
+
+def test_decode_slots_follow_memory(monkeypatch):
+    import os
+
+    from xferlearn.deploy import guards
+
+    assert 1 <= guards.decode_slots() <= max(2, os.cpu_count() or 1)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096}.get(name, 1000))  # 4 MB free
+    assert guards.decode_slots() == 1

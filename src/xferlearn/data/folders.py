@@ -152,14 +152,21 @@ def expand_paths(inputs) -> list[Path]:
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths += sorted(p for p in item.rglob("*") if _is_file_or_dangling(p)
+                            and p.suffix.lower() in IMAGE_EXTENSIONS)
         else:
             paths.append(item)
     return paths
 
 
+def _is_file_or_dangling(path: Path) -> bool:
+    """A file, or a link that leads nowhere (a loop, a missing target): listed, so that reading it
+    reports it as unreadable rather than it vanishing without a word."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
 def _list_files(class_root: Path) -> list[Path]:
-    return sorted(p for p in class_root.rglob("*") if p.is_file())
+    return sorted(p for p in class_root.rglob("*") if _is_file_or_dangling(p))
 
 
 def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None = None,

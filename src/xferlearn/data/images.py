@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 from .._io import atomic_write, content_hash  # noqa: F401  (content_hash: re-exported for the data stage)
 from ..errors import XferlearnError
@@ -26,6 +26,12 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # decompression bombs. Checked here on the header, before decoding, rather than by setting
 # PIL's process-wide Image.MAX_IMAGE_PIXELS, which would change it for the user's code too.
 MAX_PIXELS = 100_000_000
+# The second bound, in bytes: what the decoded pixels take (width x height x channels x bytes per
+# sample, read from the header), so that depth and channels count too: a 111 KB 16-bit
+# 7000x7000 PNG is under the pixel bound and 98 MB decoded. 256 MiB takes a 50-megapixel RGB
+# image or a 100-megapixel 8-bit gray one; decoding works within about three times this.
+MAX_DECODE_BYTES = 256 * 2**20
+_ROWS_AT_ONCE = 256  # 16-bit and float images are rescaled this many rows at a time (no full float copy)
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -71,19 +77,41 @@ class UnreadableImage(ValueError):
     """A file that is not a decodable image; the message is the reason."""
 
 
+_DEEP = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _rescaled(image: Image.Image) -> Image.Image:
+    """A 16-bit or float image in 8 bits (mode L), rescaled by its own range."""
+    values = np.asarray(image)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = np.zeros(values.shape, dtype=np.uint8)
+    if hi > lo:  # the same arithmetic as on the whole array, a block of rows at a time
+        for start in range(0, len(values), _ROWS_AT_ONCE):
+            block = values[start:start + _ROWS_AT_ONCE].astype(np.float64)
+            scaled[start:start + _ROWS_AT_ONCE] = ((block - lo) / (hi - lo) * 255.0).round()
+    return Image.fromarray(scaled)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB in 8 bits, whatever the mode: 16-bit and float images are rescaled by their own range."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
-        image = Image.fromarray(scaled.round().astype(np.uint8))
+    if image.mode in _DEEP:
+        image = _rescaled(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on black: X-ray backgrounds are black, and transparent pixels carry no data.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """What `image` takes once decoded, from its header: width x height x channels x bytes per sample."""
+    try:
+        mode = ImageMode.getmode(image.mode)
+        per_pixel = len(mode.bands) * np.dtype(mode.typestr).itemsize
+    except (KeyError, TypeError):  # a rare mode PIL has no description of: assume the widest samples
+        per_pixel = 4 * len(image.getbands())
+    return image.size[0] * image.size[1] * per_pixel
 
 
 def decode(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarray:
@@ -99,8 +127,21 @@ def decode(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarra
                 if width * height > MAX_PIXELS:
                     raise UnreadableImage(f"too many pixels (decompression bomb guard): {width}x{height} is over "
                                           f"{MAX_PIXELS:,}")
+                if image.format == "JPEG":
+                    # JPEG decodes at 1/2, 1/4 or 1/8 scale in its DCT for little cost: the smallest
+                    # scale still at least `size` on both sides; the exact resize follows below.
+                    image.draft(None, (size, size))
+                needed = decoded_bytes(image)
+                if needed > MAX_DECODE_BYTES:
+                    raise UnreadableImage(f"too large to decode: {image.size[0]}x{image.size[1]} {image.mode} takes "
+                                          f"{needed / 2**20:.0f} MB, over the {MAX_DECODE_BYTES / 2**20:.0f} MB "
+                                          "budget per image")
                 image.load()  # forces the full decode, so a truncated file fails here
                 image = ImageOps.exif_transpose(image)
+                if image.mode in (*_DEEP, "L") and image.size != (size, size):
+                    # Gray: to 8 bits and resized before it becomes RGB (the same pixels, a third of the memory).
+                    image = (_rescaled(image) if image.mode in _DEEP else image).resize((size, size),
+                                                                                        _RESAMPLE[interpolation])
                 image = _to_rgb(image)
                 if image.size != (size, size):
                     image = image.resize((size, size), _RESAMPLE[interpolation])

@@ -8,7 +8,6 @@ batch. It works with any engine: PyTorch, or ONNX Runtime fp32 or int8 (deploy/p
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Future
 
@@ -51,8 +50,3 @@ class BatchingRunner:
         return mine.result()
 
 
-def decode_slots() -> int:
-    """How many uploads decode at once: one per usable core (at least 2, so that one decode
-    overlaps the model's pass on a single core). More only queues in memory: decoding is CPU-bound."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(2, cores)

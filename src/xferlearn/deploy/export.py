@@ -36,7 +36,7 @@ from ..data.images import Preprocessing
 from ..errors import XferlearnError
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.inference import NormalizedInput
-from ..rundir import checkpoint_path
+from ..rundir import RunDir, checkpoint_path
 from ..config import EXPORT_FORMATS
 from .onnx_runtime import (FORMATS, INPUT_NAME, INT8_FILE, OUTPUT_NAME, SIDECAR, SIDECAR_FORMAT,
                            export_current, export_dir, read_sidecar)
@@ -65,6 +65,12 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
     """Export a run's model; returns {"model": file, "sidecar": model.json} (plus "data" for
     ONNX weights too large for one file). "onnx-int8" quantises the ONNX export (see
     quantize.py; `calibration` names a folder of images to measure activation ranges on)."""
+    rundir = RunDir.of(run)
+    with rundir.lock_writes_to(out if out else rundir.root, "export"):
+        return _export(run, fmt, out, calibration)
+
+
+def _export(run, fmt: str, out, calibration) -> dict[str, Path]:
     if fmt == "onnx-int8":
         from .quantize import export_int8
 
@@ -90,13 +96,19 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
 
     # Build in a private folder inside `out`, then rename into place: a failed or interrupted
     # export never leaves a half-written model where a consumer would pick it up.
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    except OSError as error:
+        raise os_error(out, error) from None
     try:
         target = staging / FORMATS[fmt]
-        if fmt == "onnx":
-            exporter, got = _export_onnx(module, example, check, target)
-        else:
-            exporter, got = _export_torchscript(module, example, check, target)
+        try:
+            if fmt == "onnx":
+                exporter, got = _export_onnx(module, example, check, target)
+            else:
+                exporter, got = _export_torchscript(module, example, check, target)
+        except OSError as error:  # a full disk while the exporter writes: one line, the staging folder removed
+            raise os_error(out / FORMATS[fmt], error) from None
         difference = float(np.abs(got - expected).max())
         if not difference <= TOLERANCE:
             raise RuntimeError(f"the {fmt} export disagrees with PyTorch by {difference:.2e} (more than "
@@ -105,7 +117,10 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
         for made in staging.iterdir():  # the model, and an ONNX .data file where there is one
             if made.name != FORMATS[fmt]:
                 written["data"] = out / made.name
-            os.replace(made, out / made.name)
+            try:
+                os.replace(made, out / made.name)
+            except OSError as error:
+                raise os_error(out / made.name, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = _sidecar(checkpoint, run, out, fmt, exporter, difference, len(check))

@@ -39,10 +39,10 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -
 
         folder = ensure_onnx(run)
     if int8 and ("int8" not in read_sidecar(folder / SIDECAR) or not (folder / INT8_FILE).is_file()):
-        from .quantize import export_int8  # here: it brings scikit-learn, which plain ONNX prediction never needs
+        from .export import export  # it brings scikit-learn, which plain ONNX prediction never needs
 
         log.info("quantising %s to int8", folder / FORMATS["onnx"])
-        export_int8(run, folder)
+        export(run, "onnx-int8", folder)  # under the run's lock, as `xferlearn export` is
     return OnnxPredictor(folder, threads, int8=int8)
 
 

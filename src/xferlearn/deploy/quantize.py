@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import read_json, write_json
+from .._io import file_sha256, os_error, read_json, write_json
 from ..data.folders import expand_paths
 from ..data.images import UnreadableImage, decode_file
 from ..errors import XferlearnError
@@ -51,12 +51,18 @@ _METHOD = ("static, QDQ; weights int8 per output channel, activations uint8 (Min
            "classifier in float")
 
 
-def read_split(run: str | Path) -> dict:
+def read_split(run: str | Path, expected_sha256: str | None = None) -> dict:
+    """The run's split.json; with `expected_sha256` (the checkpoint's, recorded at training time),
+    refused unless it is the very split the model was trained and validated on."""
     path = RunDir.of(run).split
     record = read_json(path)
     if not isinstance(record, dict):
         raise XferlearnError(f"int8 quantisation checks itself on the run's validation split, listed in {path}; "
                              "that file is missing or unreadable (was the run moved without it?).")
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+        raise XferlearnError(f"{path} is not the split this model was trained with (its hash differs from the one "
+                             "recorded in the checkpoint); int8 quantisation must check itself on the model's own "
+                             "validation split: put back the run's split.json.")
     return record
 
 
@@ -134,7 +140,7 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
     FOLDER/model.json, if and only if its validation AUC is within `tolerance` of the fp32 export's."""
     checkpoint = load_checkpoint(run)
     pre = checkpoint.preprocessing
-    split = read_split(run)
+    split = read_split(run, checkpoint.split_sha256)
     paths, calibration_source = calibration_paths(split, calibration, n_calibration)
     calibration_images = decode_images(paths, pre.input_size, pre.interpolation, "calibration images")
     val = split.get("val", [])
@@ -144,10 +150,16 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
                                "validation images")
     val_y = np.array([v["label"] for v in val])
 
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".int8-"))
+    try:
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".int8-"))
+    except OSError as error:
+        raise os_error(folder, error) from None
     try:
         target = staging / INT8_FILE
-        quantize_onnx(folder / "model.onnx", target, calibration_images, INPUT_NAME)
+        try:
+            quantize_onnx(folder / "model.onnx", target, calibration_images, INPUT_NAME)
+        except OSError as error:  # a full disk while the quantiser writes: one line, the staging folder removed
+            raise os_error(folder / INT8_FILE, error) from None
         fp32 = OnnxPredictor(folder)
         int8 = OnnxPredictor(folder, model_file=target)
         p32, p8 = _probabilities(fp32, val_images), _probabilities(int8, val_images)
@@ -169,7 +181,10 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
                                  "Use the fp32 export (--engine onnx).")
         int8.threshold = threshold
         decisions_32, decisions_8 = fp32.decide(p32), int8.decide(p8)
-        os.replace(target, folder / INT8_FILE)
+        try:
+            os.replace(target, folder / INT8_FILE)
+        except OSError as error:
+            raise os_error(folder / INT8_FILE, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

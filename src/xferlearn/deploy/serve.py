@@ -48,7 +48,8 @@ from ..errors import XferlearnError
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.predictor import BasePredictor, Predictor, load_predictor
 from ..rundir import checkpoint_path
-from .batching import BatchingRunner, decode_slots
+from .batching import BatchingRunner
+from .guards import decode_slots, without_paths
 from .predict import resolve_engine
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class _Service:
         return self.checkpoint.threshold_source
 
     def card(self) -> dict:
-        card = plain(self.checkpoint.card())
+        card = without_paths(plain(self.checkpoint.card()))
         return {**card, "model_id": self.model_id, "engine": self.engine, "threshold": self.predictor.threshold,
                 "threshold_source": self.threshold_source(), "input_size": self.predictor.preprocessing.input_size}
 
@@ -320,12 +321,15 @@ def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int =
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_unset=True,
               responses=ERROR_RESPONSES, summary="Classify one uploaded image")
-    async def predict(file: UploadFile = File(description="the image (JPEG, PNG, ...)"),
+    async def predict(request: Request, file: UploadFile = File(description="the image (JPEG, PNG, ...)"),
                       explain: bool = Query(False, description="add a Grad-CAM heatmap PNG (slower)")):
         media_type = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
         if not (media_type.startswith("image/") or media_type == "application/octet-stream"):
             raise HTTPException(415, f"{file.filename}: the file's type is {media_type}, "
                                      f"not {ACCEPTED_TYPES}")
+        files = (await request.form()).getlist("file")  # parsed once already: FastAPI's own form
+        if len(files) > 1:  # one image per request; a silent pick of the last would answer the wrong one
+            raise HTTPException(422, f"send one image per request in the field 'file' (got {len(files)})")
         data = await _read_limited(file, max_upload_bytes)
         return await run_in_threadpool(service.predict, data, file.filename or "upload", explain)
 

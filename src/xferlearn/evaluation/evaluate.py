@@ -71,7 +71,13 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
     and `prevalence` (the positive share to correct probabilities to) are Predictor's. The
     images are matched against the run's training and validation images (leaks.py): the
     count is in the metrics and the report, and `strict` refuses any overlap."""
-    run = Path(run)
+    with RunDir.of(run).lock_writes_to(out, "evaluate"):
+        return _evaluate(Path(run), data, out, batch_size=batch_size, n_boot=n_boot, cache_dir=cache_dir,
+                         precision=precision, gallery=gallery, tta=tta, prevalence=prevalence, strict=strict)
+
+
+def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision, gallery, tta, prevalence,
+              strict) -> dict:
     predictor = load_predictor(run, precision=precision, tta=tta, prevalence=prevalence)
     root = evaluation_root(Path(data), predictor.classes)
     pre = predictor.preprocessing

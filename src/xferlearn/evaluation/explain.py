@@ -34,6 +34,7 @@ from ..data.folders import expand_paths
 from ..data.images import UnreadableImage
 from ..errors import XferlearnError
 from ..models.predictor import Predictor, load_predictor
+from ..rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,14 @@ def explain_files(run_or_predictor, paths: Iterable[str | Path], out_dir: str | 
     An unreadable file is skipped: `on_skip(path, reason)` hears of it (default: a logged
     warning). Returns the PNGs written, in input order.
     """
-    predictor = _require_torch(run_or_predictor if isinstance(run_or_predictor, Predictor)
-                               else load_predictor(run_or_predictor))
+    if isinstance(run_or_predictor, Predictor):
+        return _explain_files(run_or_predictor, paths, out_dir, on_skip)
+    with RunDir.of(run_or_predictor).lock_writes_to(out_dir, "explain"):
+        return _explain_files(load_predictor(run_or_predictor), paths, out_dir, on_skip)
+
+
+def _explain_files(predictor, paths, out_dir, on_skip) -> list[Path]:
+    predictor = _require_torch(predictor)
     files = expand_paths(paths)
     if not files:
         raise XferlearnError("No image files found in the paths given.")

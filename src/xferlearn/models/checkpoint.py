@@ -11,6 +11,7 @@ written atomically, so a crash or a full disk leaves the previous one whole.
 from __future__ import annotations
 
 import io
+import math
 import platform
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ FORMAT_VERSION = 2  # 2: typed operating point and preprocessing (version 1 is r
 # Sanity bounds checked before anything is allocated from a checkpoint's fields.
 MAX_INPUT_SIZE = 2048
 MAX_CLASSES = 100_000
+MAX_PARAMETERS = 2_000_000_000  # numbers in the weights: far above any timm classifier people fine-tune on a CPU
 
 
 def library_versions() -> dict[str, str]:
@@ -99,6 +101,7 @@ class Checkpoint:
     tta: bool = False                # the threshold was chosen on test-time-augmented probabilities
     class_prior: list[float] | None = None  # the class prior the probabilities refer to (for --prevalence)
     image_size: int | None = None   # the --image-size the network was built for (None: its default)
+    split_sha256: str | None = None  # hash of the run's split.json at training time (int8 export checks it)
     versions: dict = field(default_factory=library_versions)
 
     @property
@@ -178,9 +181,26 @@ def _checked(record: dict, path: Path) -> Checkpoint:
     need(isinstance(record["state_dict"], dict) and all(isinstance(v, torch.Tensor)
                                                         for v in record["state_dict"].values()),
          "'state_dict' must map names to tensors")
+    need(all(isinstance(record[name], str) and 0 < len(record[name]) <= 200 for name in ("arch", "backbone", "weights")),
+         "'arch', 'backbone' and 'weights' must be short strings")
+    need(len(set(classes)) == len(classes) and all(0 < len(c) <= 200 for c in classes),
+         "class names must be distinct and 1 to 200 characters")
+    need(sum(v.numel() for v in record["state_dict"].values()) <= MAX_PARAMETERS,
+         f"the weights hold more than {MAX_PARAMETERS:,} numbers")
     pre = record["preprocessing"]
     need(isinstance(pre, dict) and isinstance(pre.get("input_size"), int)
          and 16 <= pre["input_size"] <= MAX_INPUT_SIZE, f"the input size must be 16 to {MAX_INPUT_SIZE} pixels")
+    need(all(isinstance(pre.get(k), list) and len(pre[k]) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                      for v in pre[k]) for k in ("mean", "std")),
+         "preprocessing 'mean' and 'std' must be 3 finite numbers each")
+    for name in ("config", "metrics", "versions"):
+        need(isinstance(record.get(name, {}), dict), f"'{name}' must be a mapping")
+    prior = record.get("class_prior")
+    need(prior is None or (isinstance(prior, list) and len(prior) == len(classes)
+                           and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in prior)),
+         "'class_prior' must be one share in [0, 1] per class")
+    need(isinstance(record.get("tta", False), bool), "'tta' must be true or false")
+    need(record.get("split_sha256") is None or isinstance(record["split_sha256"], str), "'split_sha256' must be text")
     size = record.get("image_size")
     need(size is None or (isinstance(size, int) and 16 <= size <= MAX_INPUT_SIZE),
          f"'image_size' must be 16 to {MAX_INPUT_SIZE} pixels")

@@ -55,6 +55,7 @@ from ..models.features import default_workers, image_loader
 from ..models.inference import normalize, resolve_precision
 from .distributed import barrier, device, is_rank_zero, per_process_batch, trainer_options
 from ..rundir import RunDir, read_history, write_history
+from .checkpoints import IDENTITY_KEY, load_resumable, stored_identity
 from .linear import fit_head
 from .loop import ClassifierModule, class_weights, console, fit, train_loader
 
@@ -148,7 +149,8 @@ def stage_callbacks(config: TrainConfig) -> list:
 
 def save_stage(path: Path, model: torch.nn.Module, record: dict) -> dict:
     buffer = io.BytesIO()
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "record": record}, buffer)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "record": record,
+                IDENTITY_KEY: stored_identity(path.parent.parent)}, buffer)  # RUN/stages/NAME.pt -> RUN
     if is_rank_zero():
         atomic_write(path, buffer.getvalue())
     barrier()  # the other processes may read it next
@@ -166,7 +168,9 @@ def resume_stage(path: Path, model: torch.nn.Module, config: TrainConfig) -> dic
     """With --resume, a stage that finished in an earlier run: its weights and record. None: train it."""
     if not (config.resume and path.exists()):
         return None
-    record = load_stage(path, model)
+    stored = load_resumable(path, stored_identity(path.parent.parent), "finished stage")
+    model.load_state_dict(stored["state_dict"])
+    record = stored["record"]
     console.print(f"Resuming: stage {record['stage']} was done (validation AUC {record['val_auc']:.4f}).")
     return record
 

@@ -24,10 +24,12 @@ from rich.console import Console
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
+from .._io import os_error
 from ..config import TrainConfig
 from ..evaluation.metrics import positive_index
 from ..rundir import RunDir, read_history, write_history
 from .distributed import rank, size, unpad_gathered
+from .checkpoints import AtomicCheckpointIO, IdentityStamp, load_resumable, stored_identity
 
 console = Console(stderr=True)
 
@@ -143,20 +145,28 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     `val_data` nothing is selected: the fit runs its epochs and keeps the last weights (an
     epoch count chosen beforehand, on out-of-fold predictions)."""
     run = RunDir(run)
+    # No "-v1" copies: a checkpoint name means one thing; an earlier attempt's are cleared or refused (checkpoints.py).
     checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", save_last=True,
+                                  enable_version_counter=False,
                                   **(dict(monitor="val_auc", mode="max") if val_data is not None else {}))
+    identity = stored_identity(run.root)
     last = run.lightning(stage) / "last.ckpt"
     history = run.history(stage)
     resume_from = str(last) if config.resume and last.exists() else None
+    if resume_from:
+        load_resumable(last, identity, "Lightning checkpoint")  # refused unless it is this run's and loads safely
     earlier = read_history(history) if resume_from else []
-    with quiet_lightning():  # the Trainer's start-up notices too ("GPU available: ...", tips)
-        trainer = L.Trainer(max_epochs=max_epochs or config.epochs,
-                            logger=CSVLogger(run.logs(), name=stage, version=""),
-                            callbacks=[checkpoints, *(callbacks or [])], enable_model_summary=False,
-                            log_every_n_steps=1,
-                            # No sanity check: its two batches may hold one class, where AUC is undefined.
-                            num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
-        trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
+    try:
+        with quiet_lightning():  # the Trainer's start-up notices too ("GPU available: ...", tips)
+            trainer = L.Trainer(max_epochs=max_epochs or config.epochs,
+                                logger=CSVLogger(run.logs(), name=stage, version=""),
+                                callbacks=[checkpoints, IdentityStamp(identity), *(callbacks or [])],
+                                plugins=[AtomicCheckpointIO()], enable_model_summary=False, log_every_n_steps=1,
+                                # No sanity check: its two batches may hold one class, where AUC is undefined.
+                                num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
+            trainer.fit(module, train_data, val_data, ckpt_path=resume_from, weights_only=True)
+    except OSError as error:  # Lightning's CSV log and folders: a full disk is one line too
+        raise os_error(error.filename or run.root, error) from None
     trainer.strategy.barrier()  # rank 0 has written the checkpoints every rank reads next
     if earlier and trainer.is_global_zero:
         keep_earlier_history(history, earlier)

@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 
-from .._io import os_error, write_json
+from .._io import file_sha256, os_error, write_json
 from ..config import TrainConfig
 from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
 from ..data.folders import (Manifest, count_images, find_layout, folder_split, grouping, save_split, scan,
@@ -35,6 +36,7 @@ from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
 from .crossfit import crossfit_head, crossfit_operating_point
 from .distributed import barrier, is_rank_zero, launch
+from .checkpoints import begin_attempt, run_identity
 from .finetune import finetune
 from .linear import effective_prior, fit_head
 from .loop import console
@@ -137,6 +139,13 @@ def train_here(config: TrainConfig) -> TrainResult:
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
                                                      config.image_size)
     arch = resolve(config.backbone)
+    # One writer per run folder for the whole command: rank 0 holds the lock for its processes.
+    with RunDir(config.out).lock("train") if is_rank_zero() else nullcontext():
+        return _train(config, model, preprocessing, weights_tag, arch, layout, positive, started)
+
+
+def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: str, layout, positive: int | None,
+           started: float) -> TrainResult:
     run = prepare_run(config)
     barrier()  # every process has checked for a finished run before rank 0 may write one
     if is_rank_zero():
@@ -149,6 +158,9 @@ def train_here(config: TrainConfig) -> TrainResult:
     if is_rank_zero():
         barrier()
         save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
+        # What this run is: an earlier attempt's checkpoints are cleared, or refused under --resume.
+        begin_attempt(run, run_identity(config.to_dict(), manifest, train_idx, val_idx), config.resume, console.print)
+    barrier()
 
     val_logits = None
     if folds:
@@ -164,7 +176,8 @@ def train_here(config: TrainConfig) -> TrainResult:
                             preprocessing=preprocessing, classes=manifest.classes, positive_index=positive,
                             operating_point=OperatingPoint("argmax"), state_dict=model.state_dict(),
                             config=config.to_dict(), tta=config.tta, image_size=config.image_size,
-                            class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config))
+                            class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config),
+                            split_sha256=file_sha256(run.split) if is_rank_zero() else None)
     if folds:
         (checkpoint.temperature, checkpoint.operating_point, checkpoint.metrics,
          val_probs) = crossfit_operating_point(oof_logits, manifest, positive, config, folds)
