@@ -17,10 +17,6 @@ from .cli_run import UNREADABLE_RULE, add_backbones, add_calibrate, add_explain,
 from ._io import atomic_stream, os_error
 from .errors import XferlearnError
 
-# predict and explain share one rule for files they cannot read (said in both --help texts).
-UNREADABLE_RULE = ("Exit status: 0 when every file was read, 1 when some could not be (each is reported, the "
-                   "rest are done), 2 for an error that stops the command (one line saying what to do).")
-
 # TrainConfig fields the CLI does not expose as flags (data is positional).
 _HIDDEN = {"data"}
 
