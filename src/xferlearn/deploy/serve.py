@@ -5,10 +5,8 @@ upload is decoded with `predictor.decode(bytes)`, as `xferlearn predict` decodes
 both give the same answer. A bad request gets a 4xx and a one-line JSON `{"error": ...}`
 and the server goes on: the body is counted as it arrives and refused past the limit, the
 pixel count is read from the header before decoding, and a fixed number of decodes run at
-once, which bounds the memory a burst of large uploads can take.
-
-Decoding runs in the thread pool, outside any lock, as many at once as there are cores.
-Requests reaching a busy model wait on one lock; whoever gets it runs everything queued as
+once, which bounds the memory a burst of large uploads can take. Decoding runs in the thread pool, outside any lock, as many at once as cores and memory
+allow (guards.py). Requests reaching a busy model wait on one lock; whoever gets it runs everything queued as
 one batch, so a burst costs few forward passes and nobody waits for a timer. The batch runs
 on the engine chosen with `engine` (config.ENGINES: PyTorch, or ONNX Runtime fp32 or int8,
 which has its own validation threshold); Grad-CAM needs PyTorch, so explanations use the
