@@ -179,7 +179,9 @@ def add_stress(commands) -> None:
         "stress", help="re-evaluate a run under acquisition-like shifts (exposure, blur, noise, JPEG, ...)",
         description="Re-evaluate RUN on labelled DATA (or --split val) under shifts like another site's images, at "
                     "severities 1-5, at the run's own threshold (never re-tuned). Writes stress.json, stress.md, "
-                    "stress.png and examples.png into RUN/stress (or --out).")
+                    "stress.png and examples.png into RUN/stress (or --out).",
+        epilog="examples: xferlearn stress runs/cxr --split val\n"
+               "          xferlearn stress runs/cxr other_site/ --shifts noise,jpeg,blur --severities 1,3,5 --limit 100")
     parser.add_argument("run", help="a run folder made by `xferlearn train`")
     parser.add_argument("data", nargs="?", help="a folder of class folders (or a Kaggle root: its test/ is used)")
     parser.add_argument("--split", choices=STRESS_SPLITS,
@@ -192,7 +194,8 @@ def add_stress(commands) -> None:
                                                   "(default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="torch (default), onnx or onnx-int8 (RUN/export, exported on first use)")
+                        help="auto (onnx-int8 where its checked export exists, else torch), torch (default), onnx "
+                             "or onnx-int8 (RUN/export, exported on first use)")
     parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="print stress.json to stdout")
     parser.set_defaults(func=run_stress)
 
