@@ -40,43 +40,23 @@ def os_error(path: Path | str, error: OSError, what: str = "write") -> Xferlearn
 
 def atomic_write(path: str | Path, data: bytes | str | Iterable[bytes], durable: bool = True) -> Path:
     """Write-then-rename. `data` may be an iterable of byte chunks, written as they come (a file
-    bigger than memory, e.g. a feature table). `durable=False` skips the fsync: for cache entries, which are checked
-    on reading and rebuilt when damaged, one fsync per decoded image costs more than decoding.
-    Files get the usual 0644-under-umask permissions (mkstemp's 0600 would hide run folders
-    from colleagues)."""
-    path = Path(path)
+    bigger than memory, e.g. a feature table). `durable=False` skips the fsync: for cache
+    entries, which are checked on reading and rebuilt when damaged, one fsync per decoded image
+    costs more than decoding."""
     data = data.encode() if isinstance(data, str) else data
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise os_error(path, error) from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_stream(path, binary=True, durable=durable) as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+    return Path(path)
 
 
 @contextmanager
-def atomic_stream(path: str | Path, newline: str | None = None):
-    """A text file written as it streams (`predict -o`), by the same rule as `atomic_write`:
-    into a temporary file beside the target, fsynced and renamed over it only when the block
-    ends without error; an error leaves no partial file and any earlier version whole."""
+def atomic_stream(path: str | Path, newline: str | None = None, *, binary: bool = False, durable: bool = True):
+    """A file written as it streams (`predict -o`; every `atomic_write`): into a temporary file
+    beside the target, fsynced and renamed over it only when the block ends without error; an
+    error leaves no partial file and any earlier version whole. Files get the usual
+    0644-under-umask permissions (mkstemp's 0600 would hide run folders from colleagues)."""
     path = Path(path)
     tmp = None
     try:
@@ -85,10 +65,11 @@ def atomic_stream(path: str | Path, newline: str | None = None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", newline=newline) as handle:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": newline})) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as error:
         if tmp:
