@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 from conftest import synthetic_image
 from PIL import Image
 
@@ -34,7 +35,7 @@ def test_reencoded_and_resized_copies_stay_close_and_others_do_not():
         assert _bits(h, dhash(_decoded(original, "PNG"))) <= MAX_DISTANCE
         assert _bits(h, dhash(_decoded(original.resize((97, 97)), quality=60))) <= MAX_DISTANCE
         assert _bits(h, dhash(_decoded(_photo(seed + 100), quality=95))) > MAX_DISTANCE
-    assert len(dhash(np.zeros((32, 32), np.uint8))) == 16
+    assert len(dhash(np.zeros((32, 32), np.uint8))) == 64  # 256 bits
 
 
 def test_near_matches_and_hashes_through_the_cache(tmp_path):
@@ -43,8 +44,22 @@ def test_near_matches_and_hashes_through_the_cache(tmp_path):
         paths.append(tmp_path / f"{i}.jpeg")
         synthetic_image(i % 2, i, size=64).save(paths[-1], quality=95)
     found = hashes(paths, [None] * 3, DecodeCache(tmp_path / "cache", 64))
-    assert len(found) == 3 and all(len(h) == 16 for h in found)
-    flipped = f"{int(found[0], 16) ^ 0b111:016x}"  # 3 bits away: a near copy
-    far = f"{int(found[0], 16) ^ (2**40 - 1):016x}"  # 40 bits away
+    assert len(found) == 3 and all(len(h) == 64 for h in found)  # 256 bits
+    flipped = f"{int(found[0], 16) ^ 0b111:064x}"  # 3 bits away: a near copy
+    far = f"{int(found[0], 16) ^ (2**40 - 1):064x}"  # 40 bits away
     assert near_matches([flipped, far], [found[0]]).tolist() == [True, False]
     assert near_matches([], found).tolist() == [] and near_matches(found, []).tolist() == [False] * 3
+
+
+@pytest.mark.data
+def test_different_patients_xrays_are_not_near_copies(shared_data, tmp_path):
+    """Chest X-rays all look alike at 9x8 pixels: 64-bit hashes called every test image a copy
+    of some training image. The 256-bit hash must tell different patients apart, and still
+    find a re-encoded, resized copy."""
+    files = sorted((shared_data / "chest_xray_224" / "train" / "NORMAL").glob("IM-*.jpeg"))[:60:2]
+    arrays = [decode(path.read_bytes(), 224) for path in files]
+    found = [dhash(a) for a in arrays]
+    assert not near_matches(found[:15], found[15:]).any()
+    buffer = io.BytesIO()
+    Image.fromarray(arrays[0]).resize((112, 112)).save(buffer, "JPEG", quality=60)
+    assert near_matches([dhash(decode(buffer.getvalue(), 224))], found[15:] + found[:1]).tolist() == [True]

@@ -2,10 +2,13 @@
 
 A content hash (the file's bytes) misses a training image saved again as PNG, recompressed
 or resized. The difference hash (dHash) of the decoded image survives those: the gray image
-is averaged down to 9x8 pixels and each bit says whether a pixel is brighter than its right
-neighbour. Two images whose 64-bit hashes differ in at most `MAX_DISTANCE` bits are taken
-for copies of one picture (a threshold in the range the dHash literature uses for
-near-duplicates; unrelated photographs differ in about 32).
+is averaged down to 17x16 pixels and each bit says whether a pixel is brighter than its right
+neighbour. Two images whose 256-bit hashes differ in at most `MAX_DISTANCE` bits are taken
+for copies of one picture. 256 bits, not the usual 64: chest X-rays all look alike at 9x8,
+and 64-bit hashes of different patients' X-rays differed by a median of 2 bits (every image
+was a "copy"). At 256 bits, on the shared chest X-ray train split, the nearest other
+patient's image was never closer than 14 bits (1st percentile 17, median 37; 100 images
+against 1500), while a copy saved at half size as JPEG quality 60 moved at most 7 bits.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from PIL import Image
 
 from .images import DecodeCache, progress_bar
 
-MAX_DISTANCE = 6
+MAX_DISTANCE = 10
+SIDE = 16  # the hash is SIDE x SIDE bits
 
 
 def dhash(array: np.ndarray) -> str:
-    """The 64-bit difference hash of an (H, W[, C]) uint8 image, as 16 hex digits."""
+    """The 256-bit difference hash of an (H, W[, C]) uint8 image, as 64 hex digits."""
     gray = array.mean(axis=2) if array.ndim == 3 else array.astype(np.float64)
-    small = np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").resize((9, 8), Image.Resampling.BOX))
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    small = np.asarray(Image.fromarray(gray.astype(np.float32), mode="F").resize((SIDE + 1, SIDE),
+                                                                                  Image.Resampling.BOX))
+    return np.packbits((small[:, 1:] > small[:, :-1]).flatten()).tobytes().hex()
 
 
 def hashes(paths, digests, cache: DecodeCache, workers: int | None = None) -> list[str]:
@@ -42,11 +46,12 @@ def near_matches(queries: list[str], known: list[str], max_distance: int = MAX_D
     """For each query hash, whether some known hash lies within `max_distance` bits of it."""
     if not queries or not known:
         return np.zeros(len(queries), dtype=bool)
-    q = np.array([int(h, 16) for h in queries], dtype=np.uint64)
-    k = np.array([int(h, 16) for h in known], dtype=np.uint64)
+    as_bytes = lambda hashes: np.stack([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hashes])  # noqa: E731
+    q, k = as_bytes(queries), as_bytes(known)
+    if q.shape[1] != k.shape[1]:  # a run from before the 256-bit hash: no comparison is meaningful
+        return np.zeros(len(queries), dtype=bool)
     found = np.zeros(len(q), dtype=bool)
-    for start in range(0, len(q), 256):  # chunks bound the (chunk x known) matrix of bit counts
-        xor = q[start:start + 256, None] ^ k[None, :]
-        distance = np.unpackbits(xor.view(np.uint8).reshape(*xor.shape, 8), axis=-1).sum(-1)
-        found[start:start + 256] = (distance <= max_distance).any(axis=1)
+    for start in range(0, len(q), 64):  # chunks bound the (chunk x known x bytes) array of differing bits
+        distance = np.unpackbits(q[start:start + 64, None] ^ k[None, :], axis=-1).sum(-1)
+        found[start:start + 64] = (distance <= max_distance).any(axis=1)
     return found
