@@ -30,7 +30,7 @@ def test_small_data_is_cross_fitted_then_refitted_on_every_image(tmp_path, capsy
     assert metrics["n"] == 24 and set(metrics["intervals"]) >= {"auc", "accuracy"}
     assert 1 <= metrics["selection"]["chosen_epochs"] <= TINY["epochs"]
     split = json.loads((result.run_dir / "split.json").read_text())
-    assert len(split["train"]) == 24 and split["val"] == [] and len(split["train"][0]["phash"]) == 16
+    assert len(split["train"]) == 24 and split["val"] == [] and len(split["train"][0]["phash"]) == 64  # 256-bit hashes
     with open(result.run_dir / "validation_predictions.csv") as rows:
         assert len(list(csv.DictReader(rows))) == 24  # every image, out of fold
     assert (result.run_dir / "logs" / "cv" / "fold5" / "metrics.csv").exists()
