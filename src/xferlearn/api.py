@@ -94,6 +94,7 @@ def predict(run: str | Path, items, engine: str = "auto", **options) -> list[dic
     items = items if isinstance(items, (list, tuple)) else [items]
     paths = [i for i in items if isinstance(i, (str, Path))]
     items = expand_paths(paths) + [i for i in items if not isinstance(i, (str, Path))]
+    options.setdefault("n_images", len(items))
     return load_engine(run, engine, **options).predict(list(items))
 
 

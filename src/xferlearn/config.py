@@ -19,6 +19,7 @@ THRESHOLDS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
 COMPILE_MODES = ("auto", "on", "off")
+FEATURE_ENGINES = ("auto", "torch", "onnx")
 # Lightning's Trainer arguments of the same names (training/distributed.py). No fsdp: it shards a
 # model too big for one device, and these backbones (4-25 M parameters) fit any device whole,
 # where DDP's full replicas are faster; the head on cached features has nothing to shard.
@@ -70,7 +71,9 @@ class TrainConfig:
     batch_size: int = _option(128, "rows per step of the head")
     lr: float = _option(1e-3, "learning rate of the head")
     weight_decay: float = _option(1e-4, "AdamW weight decay of the head")
-    views: int = _option(1, "augmented views per training image, beside the clean one")
+    views: int = _option(0, "augmented views per training image, beside the clean one, for the head on frozen "
+                         "features (--augment acts on the linear recipe only through these); 0: none, as one "
+                         "view did not raise validation AUC or held-out-shift AUC (benchmarks/RESULTS.md)")
     augment: str | None = _option(None, "augmentation preset; default: the recipe's (linear: article, "
                                   "finetune: xray)", AUGMENT_PRESETS)
     val: str | None = _option(None, "a folder of class folders to validate on (default: DATA/val where DATA "
@@ -99,6 +102,9 @@ class TrainConfig:
     precision: str = _option("auto", "auto: bf16 where the hardware computes it natively", PRECISIONS)
     compile: str = _option("auto", "torch.compile the frozen backbone; auto: when enough images repay it",
                            COMPILE_MODES)
+    feature_engine: str = _option("auto", "what runs the frozen backbone over the images; auto: ONNX Runtime on a "
+                                  "CPU computing in fp32 (2.6x PyTorch's compiled fp32 on 2 AVX2 cores), "
+                                  "PyTorch on a GPU or with native bf16", FEATURE_ENGINES)
     seed: int = _option(0, "random seed of splits, augmentation and training")
     workers: int | None = _option(None, "DataLoader worker processes (default: from the core count)")
     batch_size_features: int = _option(32, "images per frozen-backbone call (32 ran 1.2-1.35x faster than 64 "
@@ -141,6 +147,8 @@ class TrainConfig:
         need(self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}, not {self.imbalance!r}.")
         need(self.threshold in THRESHOLDS, f"--threshold must be one of {THRESHOLDS}, not {self.threshold!r}.")
         need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, not {self.compile!r}.")
+        need(self.feature_engine in FEATURE_ENGINES,
+             f"--feature-engine must be one of {FEATURE_ENGINES}, not {self.feature_engine!r}.")
         need(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, not {self.precision!r}.")
         need(self.epochs >= 1, "--epochs must be at least 1.")
         need(self.batch_size >= 1 and self.batch_size_features >= 1, "batch sizes must be at least 1.")

@@ -64,11 +64,9 @@ def test_predict_engine_onnx_int8_quantises_on_first_use(tiny_run, tiny_data, tm
     assert all(row["error"] is None and row["class"] in ("NORMAL", "PNEUMONIA") for row in rows)
 
 
-def test_default_engine_is_int8_once_its_export_exists_and_torch_before(int8_run, tiny_data, tmp_path, capsys):
+def test_default_engine_is_int8_once_its_export_exists(int8_run, tiny_data, tmp_path, capsys):
     from xferlearn.deploy.predict import load_engine
 
-    plain = shutil.copytree(int8_run, tmp_path / "plain", ignore=shutil.ignore_patterns("export"))
-    assert load_engine(plain).engine == "torch"  # nothing quantised unasked: that needs data and time
     assert main(["predict", str(int8_run), str(tiny_data), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     card = json.loads((int8_run / "export" / "model.json").read_text())
@@ -82,7 +80,49 @@ def test_default_engine_is_int8_once_its_export_exists_and_torch_before(int8_run
     checkpoint = load_checkpoint(stale)
     checkpoint.temperature = 2.0
     save_checkpoint(checkpoint, stale / "model.pt")
-    assert load_engine(stale).engine == "torch"
+    assert load_engine(stale, n_images=10).engine == "torch"
+
+
+def test_default_engine_without_int8_follows_the_hardware_and_the_count(int8_run, tmp_path, monkeypatch):
+    import xferlearn.deploy.predict as engines
+
+    def plain(name):
+        return shutil.copytree(int8_run, tmp_path / name, ignore=shutil.ignore_patterns("export"))
+
+    monkeypatch.setattr(engines, "gpu_present", lambda: False)
+    monkeypatch.setattr(engines, "cpu_supports_bf16", lambda: False)
+    run = plain("cpu")
+    # A few images: the 20 s export would not pay, so PyTorch, and nothing written.
+    assert engines.load_engine(run, n_images=10).engine == "torch"
+    assert not (run / "export").exists()
+    # Many, or a service (no count): the fp32 export, made once; never int8 unasked.
+    many = engines.load_engine(run, n_images=engines.ONNX_EXPORT_PAYS)
+    assert many.engine == "onnx" and many.batch_size == 32  # bulk: one fixed batch shape
+    card = json.loads((run / "export" / "model.json").read_text())
+    assert card["files"] == {"onnx": "model.onnx"} and "int8" not in card
+    service = engines.load_engine(run)
+    assert service.engine == "onnx" and service.batch_size is None  # a service's batches vary
+    assert engines.load_engine(run, n_images=10).engine == "onnx"  # an export there is used at any count
+    assert many.threshold == load_checkpoint(run).threshold
+    # An export that cannot be written (a read-only run, a full disk) keeps PyTorch, with a warning.
+    def refuse(*args, **kwargs):
+        raise XferlearnError("no space left on device")
+
+    monkeypatch.setattr("xferlearn.deploy.export.ensure_onnx", refuse)
+    assert engines.load_engine(plain("full")).engine == "torch"
+    # A GPU, or a CPU with native bf16: PyTorch's own fast path.
+    monkeypatch.setattr(engines, "cpu_supports_bf16", lambda: True)
+    assert engines.load_engine(plain("bf16")).engine == "torch"
+
+
+def test_onnx_at_a_fixed_batch_size_gives_the_free_axis_answers(int8_run, tiny_data):
+    paths = sorted(tiny_data.rglob("*.jpeg"))[:7]  # not a multiple of the batch: the last one is padded
+    free = load_onnx(int8_run).predict(paths)
+    fixed = load_onnx(int8_run, batch_size=4).predict(paths)
+    for a, b in zip(free, fixed):
+        assert a["class"] == b["class"]
+        for name in a["probabilities"]:
+            assert a["probabilities"][name] == pytest.approx(b["probabilities"][name], abs=1e-5)
 
 
 def test_predict_on_a_current_onnx_export_never_imports_torch(int8_run, tiny_data, tmp_path):

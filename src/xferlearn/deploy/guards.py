@@ -13,6 +13,7 @@ import re
 import sys
 
 from ..data.images import MAX_DECODE_BYTES
+from ..models.base import usable_cores
 
 
 # Config fields that name places on the server (the training data, the run, the cache).
@@ -46,7 +47,7 @@ def decode_slots(budget_bytes: int = 0) -> int:
     except (ValueError, OSError, AttributeError):
         available = 0
     by_memory = available // 2 // per_decode if available else 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(max(2, cores), int(by_memory)))
 
 

@@ -3,10 +3,16 @@
 `load_engine(run, engine)` gives a predictor with one interface (`iter_predict`, `predict`,
 `classes`) whatever computes it: PyTorch (`torch`, the checkpoint itself), ONNX Runtime on
 the fp32 export (`onnx`, exported on first use), or its int8 quantisation (`onnx-int8`,
-quantised and checked against validation on first use). `auto`, the default, takes the int8
-model where it already exists for the run's current checkpoint (it passed its validation
-check; its own threshold comes with it) and PyTorch otherwise: quantising needs the run's
-training and validation images and half a minute, which a default must not spend unasked.
+quantised and checked against validation on first use). `auto`, the default, takes:
+- the int8 model where it already exists for the run's current checkpoint (it passed its
+  validation check; its own threshold comes with it). Quantising is never done unasked: it
+  needs the run's training and validation images and half a minute, and it can be refused;
+- else, on a machine without a GPU or native bf16, the fp32 ONNX export: the same model to
+  1e-4 in probability (export.py checks it), 2.6x PyTorch's compiled fp32 on 2 AVX2 cores
+  (models/onnx_forward.py). Exporting takes about 20 s, so it is done unasked only for a
+  service or a prediction of ONNX_EXPORT_PAYS images or more, and only where the run folder
+  takes the export; an existing export is used whatever the count;
+- else PyTorch (on a GPU, or with native bf16, its own fast path).
 `write_rows` streams the rows as CSV or JSON.
 """
 
@@ -21,18 +27,25 @@ from pathlib import Path
 
 from ..config import ENGINES
 from ..errors import XferlearnError
+from ..models.base import cpu_supports_bf16, gpu_present
 from ..rundir import checkpoint_path
 from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_current, export_dir, read_sidecar
 
 log = logging.getLogger(__name__)
 
-def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -> OnnxPredictor:
+# At 36 images/s (PyTorch fp32) against about 100 (ONNX Runtime, end to end) on 2 AVX2 cores,
+# a 20 s export is repaid from about 1,100 images.
+ONNX_EXPORT_PAYS = 1000
+
+def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False,
+              batch_size: int | None = None) -> OnnxPredictor:
     """An ONNX Runtime predictor for a run (exported to RUN/export on first use, and again when
     the checkpoint has changed since), or for an export folder or .onnx file given directly.
-    `int8` runs the quantised model, quantising it first where needed (see quantize.py)."""
+    `int8` runs the quantised model, quantising it first where needed (see quantize.py);
+    `batch_size` fixes the batch axis (OnnxPredictor)."""
     run = Path(run)
     if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
-        return OnnxPredictor(run, threads, int8=int8)
+        return OnnxPredictor(run, threads, int8=int8, batch_size=batch_size)
     folder = export_dir(run)
     if not export_current(folder, checkpoint_path(run), "onnx-int8" if int8 else "onnx"):
         from .export import ensure_onnx  # torch: only when there is something to export
@@ -43,7 +56,7 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False) -
 
         log.info("quantising %s to int8", folder / FORMATS["onnx"])
         export(run, "onnx-int8", folder)  # under the run's lock, as `xferlearn export` is
-    return OnnxPredictor(folder, threads, int8=int8)
+    return OnnxPredictor(folder, threads, int8=int8, batch_size=batch_size)
 
 
 def int8_ready(run: str | Path) -> bool:
@@ -55,24 +68,54 @@ def int8_ready(run: str | Path) -> bool:
     return export_current(export_dir(run), checkpoint_path(run), "onnx-int8")
 
 
-def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = False) -> str:
+def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = False,
+                   n_images: int | None = None) -> str:
     """The engine `auto` stands for (see the module's docstring); any other is returned as it is.
-    `torch_options`: the caller asked for something only PyTorch does (precision, TTA, prevalence)."""
+    `torch_options`: the caller asked for something only PyTorch does (precision, TTA, prevalence).
+    `n_images`: how many images are coming; None for a service, which lasts."""
     if engine not in ENGINES:
         raise XferlearnError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
     if engine != "auto":
         return engine
-    chosen = "torch" if torch_options or not int8_ready(run) else "onnx-int8"
+    if torch_options:
+        chosen = "torch"
+    elif int8_ready(run):
+        chosen = "onnx-int8"
+    elif gpu_present() or cpu_supports_bf16():
+        chosen = "torch"
+    elif onnx_ready(run) or n_images is None or n_images >= ONNX_EXPORT_PAYS:
+        chosen = "onnx"
+    else:
+        chosen = "torch"
     log.info("engine auto: %s", chosen)
     return chosen
+
+
+def onnx_ready(run: str | Path) -> bool:
+    """Whether `run` holds an fp32 ONNX export of its current checkpoint (or is an export folder)."""
+    run = Path(run)
+    if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
+        return True
+    return export_current(export_dir(run), checkpoint_path(run), "onnx")
 
 
 def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto", compile: str = "auto",
                 n_images: int | None = None, batch_size: int = 32, tta: bool | None = None,
                 prevalence: float | None = None):
-    """A predictor for `run` on `engine` (one of ENGINES); its `engine` attribute says which ran."""
+    """A predictor for `run` on `engine` (one of ENGINES); its `engine` attribute says which ran.
+    Where many images are coming (`n_images` >= `batch_size`), ONNX Runtime runs at that one
+    fixed batch size (a free batch axis ran 1.5x slower); a service's batches vary, so it stays free."""
+    asked = engine
     engine = resolve_engine(run, engine, torch_options=precision != "auto" or compile != "auto" or tta is not None
-                            or prevalence is not None)
+                            or prevalence is not None, n_images=n_images)
+    if engine == "onnx" and asked == "auto" and not onnx_ready(run):
+        try:  # a default that cannot write its export (a read-only run folder, a full disk) keeps PyTorch
+            from .export import ensure_onnx
+
+            ensure_onnx(run)
+        except (XferlearnError, OSError, RuntimeError) as error:
+            log.warning("engine auto: PyTorch, as the ONNX export could not be made (%s)", error)
+            engine = "torch"
     if engine == "torch":
         from ..models.predictor import load_predictor
 
@@ -85,7 +128,8 @@ def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto
     if tta or prevalence is not None:
         raise XferlearnError("--tta and --prevalence apply to --engine torch; ONNX engines apply test-time "
                              "augmentation where the export's threshold was chosen with it.")
-    predictor = load_onnx(run, int8=engine == "onnx-int8")
+    fixed = batch_size if n_images is not None and n_images >= batch_size else None
+    predictor = load_onnx(run, int8=engine == "onnx-int8", batch_size=fixed)
     predictor.engine = engine
     return predictor
 

@@ -274,16 +274,17 @@ def create_app(run_or_predictor: str | Path | Predictor, max_upload_bytes: int =
             raise XferlearnError("a loaded Predictor runs on PyTorch; serve the run folder to use an ONNX engine.")
         predictor, checkpoint, identity = run_or_predictor, run_or_predictor.checkpoint, model_id(run_or_predictor)
         engine = "torch"
-    elif (engine := resolve_engine(run_or_predictor, engine)) == "torch":
-        run = run_or_predictor
+    elif resolve_engine(run_or_predictor, engine) == "torch":
+        run, engine = run_or_predictor, "torch"
         predictor = load_predictor(run)
         checkpoint, identity = predictor.checkpoint, model_id(predictor, run)
     else:
         from .predict import load_engine  # ONNX Runtime (and scikit-learn to quantise) only where asked
 
         run = run_or_predictor
+        # `auto` as asked: where the export it wants cannot be written, load_engine keeps PyTorch.
         predictor, checkpoint = load_engine(run, engine), load_checkpoint(run)
-        identity = model_id(checkpoint, run)
+        identity, engine = model_id(checkpoint, run), predictor.engine
     service = _Service(predictor, checkpoint, identity, max_pixels, engine, run)
 
     app = FastAPI(title="xferlearn", version=__version__,

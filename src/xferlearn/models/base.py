@@ -18,6 +18,47 @@ from PIL import Image
 from ..data.images import Preprocessing, UnreadableImage, decode, decode_file
 
 
+def usable_cores() -> int:
+    """The cores this process may use (containers and taskset narrow them), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is here, without importing torch (its driver lists the GPUs in /proc)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def run_fixed(session, input_name: str, output_name: str, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """`session` (its batch axis fixed at `batch_size`) over `pixels` of any length: in chunks of
+    that size, the last one padded with zeros and its padding dropped from the output."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    outputs = []
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start:start + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.uint8)])
+        outputs.append(session.run([output_name], {input_name: chunk})[0][:n])
+    return np.concatenate(outputs)
+
+
 class BasePredictor(ABC):
     """What every engine shares: decoding as training did, the decision rule, result rows and
     streaming. An engine (PyTorch here, ONNX Runtime in export.py) supplies `probabilities`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -22,6 +23,9 @@ from ..data.folders import ImageDataset
 from ..data.images import DecodeCache
 from .feature_store import FeatureStore
 from .inference import FastForward
+from .onnx_forward import OnnxForward, OnnxUnavailable
+
+log = logging.getLogger(__name__)
 
 FEATURE_FORMAT = 2  # bump when the way features are computed or stored changes (2: parts of rows, feature_store.py)
 
@@ -58,10 +62,22 @@ class PooledFeatures(torch.nn.Module):
 
 
 class FeatureExtractor:
-    """Pooled pre-logits features of a frozen timm model, through the fast inference path."""
+    """Pooled pre-logits features of a frozen timm model, through the fastest engine here:
+    ONNX Runtime where `engine` is "onnx" (onnx_forward.py), else PyTorch's fast inference path.
+    `engine` says which ran: an ONNX export that fails or disagrees falls back to PyTorch."""
 
     def __init__(self, model: torch.nn.Module, preprocessing, precision: str = "auto", device: str | None = None,
-                 compile: str | bool = "off", n_images: int | None = None, batch_size: int = 32):
+                 compile: str | bool = "off", n_images: int | None = None, batch_size: int = 32,
+                 engine: str = "torch", threads: int = 1):
+        self.engine = engine
+        if engine == "onnx":
+            try:
+                self.forward = OnnxForward(PooledFeatures(model), preprocessing.mean, preprocessing.std,
+                                           preprocessing.input_size, threads, batch_size)
+                return
+            except OnnxUnavailable as reason:
+                log.warning("features on PyTorch instead of ONNX Runtime: %s", reason)
+                self.engine = "torch"
         self.forward = FastForward(PooledFeatures(model), precision, device, compile, n_images, batch_size,
                                    normalize=(preprocessing.mean, preprocessing.std))
 
@@ -70,9 +86,12 @@ class FeatureExtractor:
         return self.forward(batch).numpy()
 
 
-def feature_key(arch: str, weights_tag: str, preprocessing, precision: str) -> str:
-    description = json.dumps({"arch": arch, "weights": weights_tag, "preprocessing": preprocessing.to_dict(),
-                              "precision": precision, "format": FEATURE_FORMAT}, sort_keys=True)
+def feature_key(arch: str, weights_tag: str, preprocessing, precision: str, engine: str = "torch") -> str:
+    """The store's key: what changes a feature. The engine too, as its fp32 sums round differently
+    (PyTorch's key is the one it had before ONNX Runtime could compute features)."""
+    described = {"arch": arch, "weights": weights_tag, "preprocessing": preprocessing.to_dict(),
+                 "precision": precision, "format": FEATURE_FORMAT} | ({"engine": engine} if engine != "torch" else {})
+    description = json.dumps(described, sort_keys=True)
     return hashlib.sha1(description.encode()).hexdigest()[:16]
 
 

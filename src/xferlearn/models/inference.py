@@ -21,21 +21,13 @@ from contextlib import nullcontext
 
 import torch
 
+from .base import cpu_supports_bf16
+
 log = logging.getLogger(__name__)
 
 # Below this many images the compile time (about 20-40 s for EfficientNet-Lite0 on 2 cores)
 # is not repaid; above it, compiled bf16 runs about 1.6x faster than bf16 eager here.
 COMPILE_MIN_IMAGES = 3000
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -22,7 +22,9 @@ from ..data.folders import Manifest
 from ..data.images import DecodeCache
 from ..models.feature_store import FeatureRows, FeatureStore
 from ..models.features import FeatureExtractor, extract, feature_key, view_name
+from ..models.base import usable_cores
 from ..models.inference import resolve_precision
+from ..models.onnx_forward import feature_engine
 from .distributed import (barrier, device, is_rank_zero, loader_workers, per_process_batch, rank, size,
                           trainer_options)
 from .loop import ClassifierModule, class_weights, console, fit, train_loader
@@ -84,17 +86,28 @@ def compute_features(model, manifest: Manifest, train_idx, val_idx, config: Trai
     as under cross-fitting). In a distributed run each process computes its share."""
     here = device(config)
     precision = resolve_precision(config.precision, here)
-    store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision), config.cache_dir)
+    engine = feature_engine(config.feature_engine, here, precision)
     digests = manifest.digests
     pick = lambda idx: ([manifest.paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
     views = [(train_idx, v, config.augment) for v in range(config.views + 1)]
     views += [(val_idx, 0, "none")] if len(val_idx) else []
     names = [view_name(v, preset, config.seed) for _, v, preset in views]
-    missing = [store.missing(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
-    barrier()  # every process has listed what is missing before any of them adds to the store
-    to_compute = sum(map(len, missing)) // size()
-    extractor = FeatureExtractor(model, preprocessing, precision, device=here, compile=config.compile,
-                                 n_images=to_compute, batch_size=config.batch_size_features)
+
+    def listed(engine: str):
+        store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision, engine), config.cache_dir)
+        missing = [store.missing(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
+        barrier()  # every process has listed what is missing before any of them adds to the store
+        return store, missing
+
+    store, missing = listed(engine)
+    extractor = None
+    if any(missing):  # the same answer in every process: `missing` is the whole list, not a share
+        extractor = FeatureExtractor(model, preprocessing, precision, device=here, compile=config.compile,
+                                     n_images=sum(map(len, missing)) // size(),
+                                     batch_size=config.batch_size_features, engine=engine,
+                                     threads=max(1, usable_cores() // config.devices))
+        if extractor.engine != engine:  # ONNX Runtime was refused: PyTorch's features go under its own key
+            store, missing = listed(extractor.engine)
     kwargs = dict(batch_size=config.batch_size_features, workers=loader_workers(config), seed=config.seed,
                   shard=(rank(), size()))
     with Progress(console=console, transient=True, disable=not is_rank_zero()) as progress:

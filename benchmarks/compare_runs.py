@@ -1,0 +1,82 @@
+"""Which of two recipes holds up better on labelled images they were not tuned on? A paired comparison.
+
+    python3 benchmarks/compare_runs.py RUN_A RUN_B DATA [--boot 2000] [--engine auto]
+
+Both runs predict every image of DATA (a folder of class folders: a grouped or shifted
+held-out split such as benchmarks/shift_split.py's val/, never a test set one then tunes on).
+Prints, per run, AUC, accuracy, sensitivity and specificity at the run's own validation
+threshold with stratified-bootstrap 95% intervals, then the paired bootstrap difference in AUC
+(the same resamples for both runs) with the share of resamples in which A is ahead. Two runs
+whose difference interval spans zero are not told apart by DATA, however their point
+figures compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ensemble import paired_auc_difference  # benchmarks/ensemble.py, beside this file
+
+import xferlearn
+from xferlearn.data.folders import expand_paths
+from xferlearn.evaluation.metrics import bootstrap_intervals, compute_metrics
+
+
+def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, str]:
+    """(probabilities (N, C), classes, threshold, engine) of `run` on `paths`."""
+    rows = xferlearn.predict(run, paths, engine=engine)
+    bad = [row["file"] for row in rows if row["error"]]
+    if bad:
+        sys.exit(f"compare_runs: {run} could not read {len(bad)} images, e.g. {bad[0]}")
+    classes = list(rows[0]["probabilities"])
+    probs = np.array([[row["probabilities"][c] for c in classes] for row in rows])
+    return probs, classes, rows[0]["threshold"], engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("data", type=Path, help="a labelled folder of class folders neither run was tuned on")
+    parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    parser.add_argument("--engine", default="auto", help="prediction engine for both runs (default: auto)")
+    args = parser.parse_args(argv)
+
+    class_names = sorted(d.name for d in args.data.iterdir() if d.is_dir() and not d.name.startswith("."))
+    listed = [(str(p), name) for name in class_names for p in expand_paths([args.data / name])]
+    paths, truth = [p for p, _ in listed], [name for _, name in listed]
+    figures, positives = [], []
+    for run in (args.run_a, args.run_b):
+        probs, classes, threshold, _ = predictions(run, paths, args.engine)
+        if len(classes) != 2 or sorted(classes) != class_names:
+            sys.exit(f"compare_runs: {run} has classes {classes}; DATA has {class_names} (two-class runs only)")
+        positive = xferlearn.load(run, device="cpu").positive_index
+        y = np.array([classes.index(name) for name in truth])
+        metrics = compute_metrics(y, probs, classes, threshold, "the run's own validation threshold",
+                                  positive=positive)
+        intervals = bootstrap_intervals(y, probs, classes, threshold, n_boot=args.boot, positive=positive)
+        figures.append((run, metrics, intervals, threshold))
+        positives.append(((y == positive).astype(int), probs[:, positive]))
+
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    is_pos = positives[0][0]
+    print(f"images: {len(is_pos)} ({int(is_pos.sum())} positive) from {args.data}\n")
+    print("| run | AUC (95% CI) | accuracy (95% CI) | sensitivity (95% CI) | specificity (95% CI) | threshold |")
+    print("|---|---|---|---|---|---|")
+    for run, m, ci, threshold in figures:
+        cell = lambda k: f"{m[k]:.4f} ({ci[k][0]:.3f}-{ci[k][1]:.3f})"  # noqa: E731
+        print(f"| {run} | {cell('auc')} | {cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | "
+              f"{threshold:.3f} |")
+    diff, interval, wins = paired_auc_difference(is_pos, positives[0][1], positives[1][1], args.boot)
+    print(f"\nAUC(A) - AUC(B): {diff:+.4f} (95% CI {interval[0]:+.4f} to {interval[1]:+.4f}); A is ahead in "
+          f"{100 * wins:.0f}% of {args.boot} paired resamples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Frozen features on ONNX Runtime: PyTorch's answers, at any batch length, and PyTorch
+wherever ONNX Runtime cannot be trusted with the network."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from xferlearn.data.images import Preprocessing
+from xferlearn.models.features import FeatureExtractor, PooledFeatures, feature_key
+from xferlearn.models.onnx_forward import OnnxForward, OnnxUnavailable, feature_engine
+
+PRE = Preprocessing(input_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", num_classes=3).eval()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def torch_features(model, pixels):
+    return FeatureExtractor(model, PRE, "fp32", "cpu", engine="torch")(pixels)
+
+
+def test_onnx_features_match_pytorch_at_any_batch_length(model, pixels):
+    extractor = FeatureExtractor(model, PRE, "fp32", "cpu", engine="onnx", threads=1, batch_size=4)
+    assert extractor.engine == "onnx" and isinstance(extractor.forward, OnnxForward)
+    expected = torch_features(model, pixels)
+    for n in (1, 4, 7):  # shorter than, equal to and longer than the fixed batch
+        got = extractor(pixels[:n])
+        assert got.shape == expected[:n].shape
+        np.testing.assert_allclose(got, expected[:n], atol=1e-4 * np.abs(expected).max())
+    assert model.training is False and next(model.parameters()).dtype is torch.float32  # the caller's model as it was
+
+
+def test_a_network_onnx_cannot_take_falls_back_to_pytorch(model, pixels, monkeypatch, caplog):
+    import xferlearn.models.features as features
+
+    def refuse(*args, **kwargs):
+        raise OnnxUnavailable("the ONNX export failed: unsupported operator")
+
+    monkeypatch.setattr(features, "OnnxForward", refuse)
+    extractor = FeatureExtractor(model, PRE, "fp32", "cpu", engine="onnx")
+    assert extractor.engine == "torch" and "unsupported operator" in caplog.text
+    np.testing.assert_array_equal(extractor(pixels), torch_features(model, pixels))
+
+
+def test_a_disagreeing_export_is_refused(model, monkeypatch):
+    import onnxruntime
+
+    class Wrong:  # a runtime whose answers are off by far more than fp32 rounding
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def get_inputs(self):
+            return []
+
+        def run(self, names, feeds):
+            return [np.ones((len(next(iter(feeds.values()))), 512), np.float32) * 1e3]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Wrong)
+    with pytest.raises(OnnxUnavailable, match="disagreed with PyTorch"):
+        OnnxForward(PooledFeatures(model), PRE.mean, PRE.std, 64, threads=1)
+
+
+def test_auto_is_onnx_runtime_on_a_cpu_in_fp32_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert feature_engine("auto", cpu, "fp32") == "onnx"
+    assert feature_engine("auto", cpu, "bf16") == "torch"
+    assert feature_engine("auto", gpu, "fp32") == "torch"
+    assert feature_engine("torch", cpu, "fp32") == "torch"
+
+
+def test_each_engine_keeps_its_own_features_and_pytorchs_key_is_unchanged():
+    torch_key = feature_key("resnet18", "none", PRE, "fp32")
+    assert feature_key("resnet18", "none", PRE, "fp32", "torch") == torch_key
+    assert feature_key("resnet18", "none", PRE, "fp32", "onnx") != torch_key
