@@ -90,7 +90,6 @@ def test_default_engine_without_int8_follows_the_hardware_and_the_count(int8_run
         return shutil.copytree(int8_run, tmp_path / name, ignore=shutil.ignore_patterns("export"))
 
     monkeypatch.setattr(engines, "gpu_present", lambda: False)
-    monkeypatch.setattr(engines, "cpu_supports_bf16", lambda: False)
     run = plain("cpu")
     # A few images: the 20 s export would not pay, so PyTorch, and nothing written.
     assert engines.load_engine(run, n_images=10).engine == "torch"
@@ -110,9 +109,9 @@ def test_default_engine_without_int8_follows_the_hardware_and_the_count(int8_run
 
     monkeypatch.setattr("xferlearn.deploy.export.ensure_onnx", refuse)
     assert engines.load_engine(plain("full")).engine == "torch"
-    # A GPU, or a CPU with native bf16: PyTorch's own fast path.
-    monkeypatch.setattr(engines, "cpu_supports_bf16", lambda: True)
-    assert engines.load_engine(plain("bf16")).engine == "torch"
+    # A GPU: PyTorch's own fast path.
+    monkeypatch.setattr(engines, "gpu_present", lambda: True)
+    assert engines.load_engine(plain("gpu")).engine == "torch"
 
 
 def test_onnx_at_a_fixed_batch_size_gives_the_free_axis_answers(int8_run, tiny_data):

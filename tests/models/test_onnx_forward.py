@@ -69,8 +69,9 @@ def test_a_disagreeing_export_is_refused(model, monkeypatch):
         OnnxForward(PooledFeatures(model), PRE.mean, PRE.std, 64, threads=1)
 
 
-def test_auto_is_onnx_runtime_on_a_cpu_in_fp32_only():
+def test_auto_is_onnx_runtime_on_a_cpu_unless_bf16_is_asked_for():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert feature_engine("auto", cpu, "auto") == "onnx"
     assert feature_engine("auto", cpu, "fp32") == "onnx"
     assert feature_engine("auto", cpu, "bf16") == "torch"
     assert feature_engine("auto", gpu, "fp32") == "torch"

@@ -7,12 +7,12 @@ quantised and checked against validation on first use). `auto`, the default, tak
 - the int8 model where it already exists for the run's current checkpoint (it passed its
   validation check; its own threshold comes with it). Quantising is never done unasked: it
   needs the run's training and validation images and half a minute, and it can be refused;
-- else, on a machine without a GPU or native bf16, the fp32 ONNX export: the same model to
-  1e-4 in probability (export.py checks it), 2.6x PyTorch's compiled fp32 on 2 AVX2 cores
-  (models/onnx_forward.py). Exporting takes about 20 s, so it is done unasked only for a
+- else, on a machine without a GPU, the fp32 ONNX export: the same model to 1e-4 in
+  probability (export.py checks it), 3.0x PyTorch's fp32 end to end on 2 AVX2 cores, and
+  1.5x PyTorch's compiled bf16 on 2 cores of a Xeon with AMX (README). Exporting takes about 20 s, so it is done unasked only for a
   service or a prediction of ONNX_EXPORT_PAYS images or more, and only where the run folder
   takes the export; an existing export is used whatever the count;
-- else PyTorch (on a GPU, or with native bf16, its own fast path).
+- else PyTorch (on a GPU).
 `write_rows` streams the rows as CSV or JSON.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..config import ENGINES
 from ..errors import XferlearnError
-from ..models.base import cpu_supports_bf16, gpu_present
+from ..models.base import gpu_present
 from ..rundir import checkpoint_path
 from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_current, export_dir, read_sidecar
 
@@ -81,7 +81,7 @@ def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = 
         chosen = "torch"
     elif int8_ready(run):
         chosen = "onnx-int8"
-    elif gpu_present() or cpu_supports_bf16():
+    elif gpu_present():
         chosen = "torch"
     elif onnx_ready(run) or n_images is None or n_images >= ONNX_EXPORT_PAYS:
         chosen = "onnx"

@@ -85,8 +85,8 @@ def compute_features(model, manifest: Manifest, train_idx, val_idx, config: Trai
     (view 0 clean, the rest augmented) and the clean validation images' (None without any,
     as under cross-fitting). In a distributed run each process computes its share."""
     here = device(config)
-    precision = resolve_precision(config.precision, here)
-    engine = feature_engine(config.feature_engine, here, precision)
+    engine = feature_engine(config.feature_engine, here, config.precision)
+    precision = "fp32" if engine == "onnx" else resolve_precision(config.precision, here)
     digests = manifest.digests
     pick = lambda idx: ([manifest.paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
     views = [(train_idx, v, config.augment) for v in range(config.views + 1)]
