@@ -51,9 +51,9 @@ class OnnxPredictor(BasePredictor):
     `int8` runs the folder's model.int8.onnx at its own validation threshold. Test-time
     augmentation follows the export (the sidecar's `tta`), as the threshold was chosen with it.
     `batch_size` fixes the graph's batch axis at that size (batches are cut and padded to it):
-    ONNX Runtime plans a fixed shape better, 1.5x the images/s of a free axis for
-    EfficientNet-Lite0 on 2 AVX2 cores; worth it for bulk prediction, not for a service's
-    batches of 1 to 32."""
+    ONNX Runtime plans a fixed shape a little better (EfficientNet-Lite0's export, 2 AVX2
+    cores: 123 against 118 images/s at batch 32); worth it for bulk prediction, not for a
+    service's batches of 1 to 32, which padding would cost more."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                  int8: bool = False, model_file: str | Path | None = None, batch_size: int | None = None):

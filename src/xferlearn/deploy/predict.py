@@ -9,9 +9,10 @@ quantised and checked against validation on first use). `auto`, the default, tak
   needs the run's training and validation images and half a minute, and it can be refused;
 - else, on a machine without a GPU, the fp32 ONNX export: the same model to 1e-4 in
   probability (export.py checks it), 3.0x PyTorch's fp32 end to end on 2 AVX2 cores, and
-  1.5x PyTorch's compiled bf16 on 2 cores of a Xeon with AMX (README). Exporting takes about 20 s, so it is done unasked only for a
-  service or a prediction of ONNX_EXPORT_PAYS images or more, and only where the run folder
-  takes the export; an existing export is used whatever the count;
+  1.5x PyTorch's compiled bf16 on 2 cores of a Xeon with AMX (README). Exporting takes
+  about 20 s, so it is done unasked only for a service or a prediction of ONNX_EXPORT_PAYS
+  images or more, and only where the run folder takes the export; an existing export is
+  used whatever the count;
 - else PyTorch (on a GPU).
 `write_rows` streams the rows as CSV or JSON.
 """
@@ -104,7 +105,7 @@ def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto
                 prevalence: float | None = None):
     """A predictor for `run` on `engine` (one of ENGINES); its `engine` attribute says which ran.
     Where many images are coming (`n_images` >= `batch_size`), ONNX Runtime runs at that one
-    fixed batch size (a free batch axis ran 1.5x slower); a service's batches vary, so it stays free."""
+    fixed batch size (OnnxPredictor); a service's batches vary, so its axis stays free."""
     asked = engine
     engine = resolve_engine(run, engine, torch_options=precision != "auto" or compile != "auto" or tta is not None
                             or prevalence is not None, n_images=n_images)
