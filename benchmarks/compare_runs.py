@@ -1,6 +1,7 @@
 """Which of two recipes holds up better on labelled images they were not tuned on? A paired comparison.
 
     python3 benchmarks/compare_runs.py RUN_A RUN_B DATA [--boot 2000] [--engine auto]
+    python3 benchmarks/compare_runs.py RUN_A+RUN_B+RUN_C RUN_A DATA     # an ensemble against a member
 
 Both runs predict every image of DATA (a folder of class folders: a grouped or shifted
 held-out split such as benchmarks/shift_split.py's val/, never a test set one then tunes on).
@@ -8,7 +9,10 @@ Prints, per run, AUC, accuracy, sensitivity and specificity at the run's own val
 threshold with stratified-bootstrap 95% intervals, then the paired bootstrap difference in AUC
 (the same resamples for both runs) with the share of resamples in which A is ahead. Two runs
 whose difference interval spans zero are not told apart by DATA, however their point
-figures compare.
+figures compare. A run written `A+B[+C...]` is the ensemble of those runs: the mean of their
+probabilities, its threshold chosen by Youden's J on the mean of their validation
+probabilities (validation_predictions.csv; the members must share one validation split, as
+runs on the same data with the same seed do), as benchmarks/ensemble.py does.
 """
 
 from __future__ import annotations
@@ -20,28 +24,45 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble import paired_auc_difference  # benchmarks/ensemble.py, beside this file
+from ensemble import paired_auc_difference, validation_probabilities  # benchmarks/ensemble.py, beside this file
 
 import xferlearn
 from xferlearn.data.folders import expand_paths
 from xferlearn.evaluation.metrics import bootstrap_intervals, compute_metrics
+from xferlearn.evaluation.thresholds import choose_threshold
 
 
-def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, str]:
-    """(probabilities (N, C), classes, threshold, engine) of `run` on `paths`."""
+def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, int]:
+    """(probabilities (N, C), classes, threshold, positive index) of `run` on `paths`."""
     rows = xferlearn.predict(run, paths, engine=engine)
     bad = [row["file"] for row in rows if row["error"]]
     if bad:
         sys.exit(f"compare_runs: {run} could not read {len(bad)} images, e.g. {bad[0]}")
     classes = list(rows[0]["probabilities"])
     probs = np.array([[row["probabilities"][c] for c in classes] for row in rows])
-    return probs, classes, rows[0]["threshold"], engine
+    return probs, classes, rows[0]["threshold"], xferlearn.load(run, device="cpu").positive_index
+
+
+def scored(spec: str, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, int]:
+    """`predictions` of one run, or of the ensemble `A+B+...` (see the module's docstring)."""
+    runs = [Path(part) for part in spec.split("+")]
+    if len(runs) == 1:
+        return predictions(runs[0], paths, engine)
+    members = [predictions(run, paths, engine) for run in runs]
+    validation = [validation_probabilities(run) for run in runs]
+    classes, positive = members[0][1], members[0][3]
+    if any(m[1] != classes for m in members) or any(v[0] != validation[0][0] for v in validation):
+        sys.exit(f"compare_runs: the members of {spec} differ in classes or validation images")
+    y_val = np.array([classes.index(label) for label in validation[0][1]])
+    val_mean = np.mean([v[2] for v in validation], axis=0)
+    threshold = choose_threshold((y_val == positive).astype(int), val_mean[:, positive], "youden")
+    return np.mean([m[0] for m in members], axis=0), classes, threshold, positive
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_a", type=Path)
-    parser.add_argument("run_b", type=Path)
+    parser.add_argument("run_a", help="a run folder, or A+B+... for the ensemble of those runs")
+    parser.add_argument("run_b", help="the same")
     parser.add_argument("data", type=Path, help="a labelled folder of class folders neither run was tuned on")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     parser.add_argument("--engine", default="auto", help="prediction engine for both runs (default: auto)")
@@ -52,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     paths, truth = [p for p, _ in listed], [name for _, name in listed]
     figures, positives = [], []
     for run in (args.run_a, args.run_b):
-        probs, classes, threshold, _ = predictions(run, paths, args.engine)
+        probs, classes, threshold, positive = scored(run, paths, args.engine)
         if len(classes) != 2 or sorted(classes) != class_names:
             sys.exit(f"compare_runs: {run} has classes {classes}; DATA has {class_names} (two-class runs only)")
-        positive = xferlearn.load(run, device="cpu").positive_index
         y = np.array([classes.index(name) for name in truth])
         metrics = compute_metrics(y, probs, classes, threshold, "the run's own validation threshold",
                                   positive=positive)
