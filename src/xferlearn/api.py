@@ -72,7 +72,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
 
 
 def stress(run: str | Path, data: str | Path | None = None, out: str | Path | None = None, *,
-           engine: str = "torch", **options) -> dict:
+           engine: str = "auto", **options) -> dict:
     """Re-evaluate a run under acquisition-like shifts (blur, noise, JPEG, exposure...) at several
     severities, at its own threshold; writes stress.json, stress.md and plots into `out`
     (default RUN/stress) and returns the record. `data=None, split="val"`: the run's validation

@@ -193,9 +193,9 @@ def add_stress(commands) -> None:
     parser.add_argument("--limit", type=int, help="at most N images per class, drawn at random with seed 0 "
                                                   "(default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
-    parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="auto (onnx-int8 where its checked export exists, else torch), torch (default), onnx "
-                             "or onnx-int8 (RUN/export, exported on first use)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto (default: onnx-int8 where its checked export exists, else onnx on a machine "
+                             "without a GPU, else torch), torch, onnx or onnx-int8 (RUN/export, exported on first use)")
     parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False, help="print stress.json to stdout")
     parser.set_defaults(func=run_stress)
 
