@@ -129,6 +129,20 @@ def test_feature_cache_is_reused(tmp_path, image_folder, monkeypatch):
     assert sum(calls) > 0  # another seed: other augmented views, computed afresh
 
 
+def test_training_builds_the_manifests_lists_a_bounded_number_of_times(tmp_path, monkeypatch):
+    """Indexing `manifest.paths` per image rebuilt the whole list each time: quadratic, and hours
+    at 100,000 images. The count must not grow with the folder."""
+    from xferlearn.data.folders import Manifest
+
+    data = make_folder(tmp_path / "d", per_class=30)
+    calls = []
+    for name in ("paths", "digests", "labels"):
+        original = getattr(Manifest, name)
+        monkeypatch.setattr(Manifest, name, property(lambda self, get=original.fget: calls.append(1) or get(self)))
+    xferlearn.train(data=str(data), out=str(tmp_path / "r"), **TINY)
+    assert 0 < len(calls) < 30
+
+
 def test_multiclass_run(tmp_path):
     data = make_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=10, patients=False)
     result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **TINY)

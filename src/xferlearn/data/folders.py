@@ -68,6 +68,13 @@ class Manifest:
     def digests(self) -> list[str]:
         return [s.digest for s in self.samples]
 
+    def take(self, idx) -> tuple[list[str], list[str], np.ndarray]:
+        """(paths, digests, labels) of the samples at `idx`, in one pass: the properties above
+        build whole lists, so indexing them per sample is quadratic (hours at 100,000 images)."""
+        chosen = [self.samples[i] for i in idx]
+        return ([s.path for s in chosen], [s.digest for s in chosen],
+                np.array([s.label for s in chosen], dtype=np.int64))
+
     def counts(self) -> dict[str, int]:
         labels = self.labels
         return {name: int((labels == i).sum()) for i, name in enumerate(self.classes)}

@@ -49,7 +49,7 @@ def validation_view_logits(checkpoint: Checkpoint, manifest: Manifest, val_idx, 
     test-time-augmentation views where the checkpoint says `tta` (V=1 otherwise)."""
     predictor = Predictor(checkpoint, device=device(config), precision=config.precision)
     mine = shard(list(val_idx))  # each process scores its share; every one gets them all back
-    dataset = ImageDataset([manifest.paths[i] for i in mine], [manifest.digests[i] for i in mine], None, cache)
+    dataset = ImageDataset(*manifest.take(mine)[:2], None, cache)
     loader = image_loader(dataset, config.batch_size_features, loader_workers(config))
     local = np.concatenate([predictor.view_logits(images).cpu().numpy() for images, _ in loader], axis=1)
     return gather_rows(local, len(val_idx), axis=1)
@@ -81,6 +81,7 @@ def write_validation_predictions(path: Path, manifest: Manifest, val_idx, probs:
     """Per validation image: file, true class and calibrated probabilities, for error analysis
     and the benchmarks' bootstrap intervals."""
     columns = ["file", "label", *[f"p_{name}" for name in manifest.classes]]
-    rows = [dict(zip(columns, [manifest.paths[i], manifest.classes[manifest.labels[i]], *[f"{p:.6f}" for p in row]]))
-            for i, row in zip(val_idx, probs)]
+    paths, _, labels = manifest.take(val_idx)
+    rows = [dict(zip(columns, [path, manifest.classes[label], *[f"{p:.6f}" for p in row]]))
+            for path, label, row in zip(paths, labels, probs)]
     write_csv_rows(path, rows, columns)

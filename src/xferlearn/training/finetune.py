@@ -183,7 +183,7 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
                or fit_head_stage(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing,
                                  cache, run)]
     labels = manifest.labels
-    pick = lambda idx: ([manifest.paths[i] for i in idx], [manifest.digests[i] for i in idx], labels[idx])  # noqa: E731
+    pick = manifest.take
     workers = default_workers(config.devices) if config.workers is None else config.workers
     loader = train_loader(RandomViews(*pick(train_idx), cache, train_transform(config.augment)), labels[train_idx],
                           config, len(manifest.classes), batch_size=per_process_batch(config.finetune_batch_size),

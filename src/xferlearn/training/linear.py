@@ -87,8 +87,7 @@ def compute_features(model, manifest: Manifest, train_idx, val_idx, config: Trai
     here = device(config)
     engine = feature_engine(config.feature_engine, here, config.precision)
     precision = "fp32" if engine == "onnx" else resolve_precision(config.precision, here)
-    digests = manifest.digests
-    pick = lambda idx: ([manifest.paths[i] for i in idx], [digests[i] for i in idx])  # noqa: E731
+    pick = lambda idx: manifest.take(idx)[:2]  # noqa: E731
     views = [(train_idx, v, config.augment) for v in range(config.views + 1)]
     views += [(val_idx, 0, "none")] if len(val_idx) else []
     names = [view_name(v, preset, config.seed) for _, v, preset in views]
