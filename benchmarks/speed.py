@@ -392,6 +392,24 @@ def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, t
               f"({a['n']}) | {a['d_auc_all']:+.5f} | {a['max_dp']:.6f} | {100 * a['same_class']:.2f}% | "
               f"{ {True: 'yes', False: 'NO', None: 'cannot tell'}[a['agrees']]}"
               f"{'; too few images to judge ' + ', '.join(a['unjudged']) if a['unjudged'] else ''} |" for a in agree]
+    # The article-recipe rows' bullets only where those rows were run (--no-article leaves them out).
+    article_notes = [
+        f"- Augmentation: Keras draws a fresh random shear/zoom/flip of every image in each of its 5 epochs "
+        f"and never shows the clean image. xferlearn's linear recipe computes the frozen features once per "
+        f"image and view and caches them: `--views {args.views}` gives {args.views} augmented views per "
+        "training image beside the clean one, fixed per (image, view, seed); its 5 epochs recycle those "
+        f"{args.views} draws where Keras's see new ones. The preset follows the article (shear 0.2 degrees, "
+        "zoom 0.8-1.2, horizontal flip) with two small differences: Keras zooms each axis independently and "
+        "fills the edges with the nearest pixel, xferlearn (torchvision RandomAffine) zooms both axes together "
+        "and fills with black.",
+        f"- The VGG16 work: Keras runs 5 passes over all N images (5N; the article trains on "
+        f"all of train and validates on the test set); xferlearn holds out 20% for validation and runs "
+        f"{args.views} augmented + 1 clean pass over the other 80% and one over the validation 20%: "
+        f"N x (0.8 x {args.views + 1} + 0.2) = {0.8 * (args.views + 1) + 0.2:.1f}N.",
+        "- The warm-cache run is the same command again on the same cache: features are read back, only the "
+        "head trains (what a second experiment on the same data costs). The Keras pipeline has no such cache: "
+        "each run costs the full projection again.",
+    ] if args.article else []
     lines += ["", "## How to read this", "",
               "- Keras's time is projected from a few timed `model.fit` steps (training steps only: its start-up and "
               "the article's per-epoch pass over the test set are left out, in its favour). Every xferlearn time is "
@@ -399,21 +417,7 @@ def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, t
               "- VGG16 starts from random weights on both sides (ImageNet weights cannot be fetched offline); the "
               "computation per image is the same. xferlearn's `--precision auto` computes in bf16 where the CPU "
               "does so natively (avx512_bf16/AMX), Keras in fp32 (its default).",
-              f"- Augmentation: Keras draws a fresh random shear/zoom/flip of every image in each of its 5 epochs "
-              f"and never shows the clean image. xferlearn's linear recipe computes the frozen features once per "
-              f"image and view and caches them: `--views {args.views}` gives {args.views} augmented views per "
-              "training image beside the clean one, fixed per (image, view, seed); its 5 epochs recycle those "
-              f"{args.views} draws where Keras's see new ones. The preset follows the article (shear 0.2 degrees, "
-              "zoom 0.8-1.2, horizontal flip) with two small differences: Keras zooms each axis independently and "
-              "fills the edges with the nearest pixel, xferlearn (torchvision RandomAffine) zooms both axes together "
-              "and fills with black.",
-              f"- The VGG16 work: Keras runs 5 passes over all N images (5N; the article trains on "
-              f"all of train and validates on the test set); xferlearn holds out 20% for validation and runs "
-              f"{args.views} augmented + 1 clean pass over the other 80% and one over the validation 20%: "
-              f"N x (0.8 x {args.views + 1} + 0.2) = {0.8 * (args.views + 1) + 0.2:.1f}N.",
-              "- The warm-cache run is the same command again on the same cache: features are read back, only the "
-              "head trains (what a second experiment on the same data costs). The Keras pipeline has no such cache: "
-              "each run costs the full projection again.",
+              *article_notes,
               "- The int8 engine decides at its own threshold, chosen on the validation split through the int8 model "
               "(recorded in the export's model.json), so its 'same class' share compares two validation operating "
               "points, not one.",
@@ -443,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warm-run", dest="warm_run", action="store_false",
                         help="leave out the second, warm-cache run of the article recipe")
     parser.add_argument("--workdir", help="keep runs, caches and CSVs here (default: a temporary folder, removed)")
+    parser.add_argument("--no-article", dest="article", action="store_false",
+                        help="leave out the article recipe's runs (VGG16 in fp32 on a small CPU takes 20 minutes or more)")
     parser.add_argument("--no-finetune", dest="finetune", action="store_false",
                         help="leave out the fine-tune recipe's timing (about 10 minutes)")
     args = parser.parse_args(argv)
@@ -477,10 +483,11 @@ def benchmark(args, source: Path, work: Path) -> int:
     article = ["--backbone", "vgg16", "--weights", "none", "--recipe", "linear", "--augment", "article",
                "--views", str(args.views), "--epochs", "5"]
     trains = []
-    cold = train_run("article-vgg16", data, article, work, work / "cache-article")
-    cold["what"] = f"xferlearn, article recipe (VGG16, linear, --views {args.views}, 5 epochs), fresh cache"
-    trains.append(cold)
-    if args.warm_run:
+    if args.article:
+        cold = train_run("article-vgg16", data, article, work, work / "cache-article")
+        cold["what"] = f"xferlearn, article recipe (VGG16, linear, --views {args.views}, 5 epochs), fresh cache"
+        trains.append(cold)
+    if args.article and args.warm_run:
         warm = train_run("article-vgg16-warm", data, article, work, work / "cache-article")
         warm["what"] = "the same again, warm cache"
         trains.append(warm)
@@ -490,7 +497,9 @@ def benchmark(args, source: Path, work: Path) -> int:
 
     engines = predict_engines()
     export_s, refused = {}, []
-    for fmt in [flags[1] for _, flags in engines if "--engine" in flags and flags[1] != "torch"]:
+    for fmt in [flags[flags.index("--engine") + 1] for _, flags in engines if "--engine" in flags]:
+        if fmt == "torch":
+            continue
         # Export apart, so the ONNX Runtime figures are prediction alone (predict would export on first use).
         seconds = timed([*XFERLEARN, "export", str(default["run"]), "--format", fmt],
                         {"XFERLEARN_CACHE": str(work / "cache-default")}, may_fail=fmt == "onnx-int8")
