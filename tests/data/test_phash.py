@@ -51,6 +51,26 @@ def test_near_matches_and_hashes_through_the_cache(tmp_path):
     assert near_matches([], found).tolist() == [] and near_matches(found, []).tolist() == [False] * 3
 
 
+def test_hashes_are_remembered_beside_the_cache_and_a_bad_memo_is_recomputed(tmp_path, monkeypatch):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        synthetic_image(i % 2, i, size=64).save(paths[-1])
+    digests = [f"{i:040x}" for i in range(4)]
+    cache = DecodeCache(tmp_path / "cache", 64)
+    first = hashes(paths, digests, cache)
+    memo = cache.root / "dhash256.json"
+    assert memo.is_file()
+    decoded = []
+    original = DecodeCache.get
+    monkeypatch.setattr(DecodeCache, "get", lambda self, *a: decoded.append(a) or original(self, *a))
+    assert hashes(paths, digests, cache) == first and decoded == []  # read back, nothing decoded
+    memo.write_text('{"' + digests[0] + '": "not a hash", "' + digests[1] + '": 7}')  # damaged entries
+    assert hashes(paths, digests, cache) == first and len(decoded) == 4
+    memo.write_text("{ not json")
+    assert hashes(paths, digests, cache) == first
+
+
 @pytest.mark.data
 def test_different_patients_xrays_are_not_near_copies(shared_data, tmp_path):
     """Chest X-rays all look alike at 9x8 pixels: 64-bit hashes called every test image a copy
