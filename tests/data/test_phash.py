@@ -71,6 +71,21 @@ def test_hashes_are_remembered_beside_the_cache_and_a_bad_memo_is_recomputed(tmp
     assert hashes(paths, digests, cache) == first
 
 
+def test_scan_hashes_what_it_decodes_so_the_split_reads_nothing_back(tmp_path, monkeypatch):
+    from conftest import make_folder
+
+    from xferlearn.data.folders import scan
+
+    cache = DecodeCache(tmp_path / "cache", 64)
+    manifest = scan(make_folder(tmp_path / "d", per_class=4), cache)
+    decoded = []
+    original = DecodeCache.get
+    monkeypatch.setattr(DecodeCache, "get", lambda self, *a: decoded.append(a) or original(self, *a))
+    found = hashes(manifest.paths, manifest.digests, cache)
+    assert decoded == [] and len(found) == len(manifest.samples)
+    assert found == [dhash(original(cache, p, d)) for p, d in zip(manifest.paths, manifest.digests)]
+
+
 @pytest.mark.data
 def test_different_patients_xrays_are_not_near_copies(shared_data, tmp_path):
     """Chest X-rays all look alike at 9x8 pixels: 64-bit hashes called every test image a copy

@@ -22,6 +22,7 @@ import numpy as np
 from .._io import content_hash, write_json
 from ..errors import XferlearnError
 from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage, progress_bar
+from .phash import dhash, remember
 
 # Kaggle chest X-ray names: personN_bacteria_M / personN_virus_M, IM-XXXX-000Y, NORMAL2-IM-XXXX-000Y.
 _PATIENT_PATTERNS = (
@@ -205,13 +206,17 @@ def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None
         digest = content_hash(data)
         try:
             if not cache.contains(digest):
-                cache.put(data, digest)
+                # Its perceptual hash while the decoded image is in hand (split.json and the leak
+                # check need it; otherwise they would read every image back from the cache).
+                decoded[digest] = dhash(cache.put(data, digest))
         except UnreadableImage as error:
             return path, label, None, str(error)
         return path, label, digest, None
 
+    decoded: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         results = list(progress_bar(pool.map(read, jobs), len(jobs), "reading images"))
+    remember(cache, decoded)
 
     manifest = Manifest(str(roots[0]), list(classes), [])
     first_seen: dict[str, Sample] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -35,15 +36,34 @@ def dhash(array: np.ndarray) -> str:
     return np.packbits((small[:, 1:] > small[:, :-1]).flatten()).tobytes().hex()
 
 
+def _memo_path(cache: DecodeCache) -> Path:
+    return cache.root / f"dhash{SIDE * SIDE}.json"
+
+
+def _read_memo(cache: DecodeCache) -> dict[str, str]:
+    memo = read_json(_memo_path(cache))
+    width = SIDE * SIDE // 4  # hex digits of one hash; anything else in the memo is not trusted
+    return {k: v for k, v in memo.items() if isinstance(v, str) and len(v) == width} if isinstance(memo, dict) else {}
+
+
+def remember(cache: DecodeCache, known: dict[str, str]) -> None:
+    """Add {content hash: dHash} to the memo beside the decode cache (scan hashes what it decodes).
+    Merged with what another run added meanwhile; a race loses entries only to be hashed again,
+    and a full or read-only cache only means hashing again next time."""
+    if not known or not cache.writable:
+        return
+    try:
+        write_json(_memo_path(cache), _read_memo(cache) | known)
+    except XferlearnError:
+        pass
+
+
 def hashes(paths, digests, cache: DecodeCache, workers: int | None = None) -> list[str]:
     """dHash of each image, decoded through the cache (as the model sees it). Remembered beside
-    the decode cache (one small JSON per image size), so a second run over the same images
-    reads 64 hex digits an image instead of decoding and hashing it again (6 s of a 5,216-image
-    run on 2 cores). A memo that cannot be read or written is only recomputed."""
-    memo_path = cache.root / f"dhash{SIDE * SIDE}.json"
-    memo = read_json(memo_path)
-    width = SIDE * SIDE // 4  # hex digits of one hash; anything else in the memo is not trusted
-    memo = {k: v for k, v in memo.items() if isinstance(v, str) and len(v) == width} if isinstance(memo, dict) else {}
+    the decode cache (one small JSON per image size; `scan` adds the images it decodes), so a
+    later run over the same images reads 64 hex digits an image instead of decoding and hashing
+    it again (6 s of a 5,216-image run on 2 cores). A damaged memo is only recomputed."""
+    memo = _read_memo(cache)
     # Keyed by content hash; an image given without one is hashed every time, under its path.
     keys = [digest if digest is not None else f"path:{path}" for path, digest in zip(paths, digests)]
     todo = {key: job for key, job in zip(keys, zip(paths, digests)) if key not in memo}
@@ -54,14 +74,9 @@ def hashes(paths, digests, cache: DecodeCache, workers: int | None = None) -> li
 
     if todo:
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-            memo.update(progress_bar(pool.map(one, todo.items()), len(todo), "perceptual hashes"))
-        if cache.writable and any(not key.startswith("path:") for key in todo):
-            try:  # merged with what another run added meanwhile; a race loses entries only to be hashed again
-                stored = read_json(memo_path)
-                known = {k: v for k, v in memo.items() if not k.startswith("path:")}
-                write_json(memo_path, (stored if isinstance(stored, dict) else {}) | known)
-            except XferlearnError:  # a full or read-only cache: hashed again next time
-                pass
+            found = dict(progress_bar(pool.map(one, todo.items()), len(todo), "perceptual hashes"))
+        memo.update(found)
+        remember(cache, {k: v for k, v in found.items() if not k.startswith("path:")})
     return [memo[key] for key in keys]
 
 
