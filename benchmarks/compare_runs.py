@@ -30,6 +30,7 @@ import xferlearn
 from xferlearn.data.folders import expand_paths
 from xferlearn.evaluation.metrics import bootstrap_intervals, compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold
+from xferlearn.models.checkpoint import load_checkpoint
 
 
 def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, int]:
@@ -40,7 +41,7 @@ def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, l
         sys.exit(f"compare_runs: {run} could not read {len(bad)} images, e.g. {bad[0]}")
     classes = list(rows[0]["probabilities"])
     probs = np.array([[row["probabilities"][c] for c in classes] for row in rows])
-    return probs, classes, rows[0]["threshold"], xferlearn.load(run, device="cpu").positive_index
+    return probs, classes, rows[0]["threshold"], load_checkpoint(run).positive_index
 
 
 def scored(spec: str, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, int]:

@@ -129,6 +129,22 @@ def test_feature_cache_is_reused(tmp_path, image_folder, monkeypatch):
     assert sum(calls) > 0  # another seed: other augmented views, computed afresh
 
 
+def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_path, image_folder):
+    runs = {engine: xferlearn.train(data=str(image_folder), out=str(tmp_path / engine), feature_engine=engine,
+                                    cache_dir=str(tmp_path / "cache"), **TINY).run_dir
+            for engine in ("torch", "onnx")}
+    probs = {}
+    for engine, run in runs.items():
+        with open(run / "validation_predictions.csv", newline="") as handle:
+            probs[engine] = np.array([[float(v) for k, v in row.items() if k.startswith("p_")]
+                                      for row in csv.DictReader(handle)])
+    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-3)
+    # Each engine keeps its own features: two stores under the one cache.
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
+    with pytest.raises(XferlearnError, match="--feature-engine must be one of"):
+        TrainConfig(data=str(image_folder), feature_engine="gpu")
+
+
 def test_training_builds_the_manifests_lists_a_bounded_number_of_times(tmp_path, monkeypatch):
     """Indexing `manifest.paths` per image rebuilt the whole list each time: quadratic, and hours
     at 100,000 images. The count must not grow with the folder."""

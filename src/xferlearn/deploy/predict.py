@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # a 20 s export is repaid from about 1,100 images.
 ONNX_EXPORT_PAYS = 1000
 
+def _is_export(run: Path) -> bool:
+    """An export folder or .onnx file given directly, rather than a run folder."""
+    return run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists())
+
+
 def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False,
               batch_size: int | None = None) -> OnnxPredictor:
     """An ONNX Runtime predictor for a run (exported to RUN/export on first use, and again when
@@ -45,7 +50,7 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False,
     `int8` runs the quantised model, quantising it first where needed (see quantize.py);
     `batch_size` fixes the batch axis (OnnxPredictor)."""
     run = Path(run)
-    if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
+    if _is_export(run):
         return OnnxPredictor(run, threads, int8=int8, batch_size=batch_size)
     folder = export_dir(run)
     if not export_current(folder, checkpoint_path(run), "onnx-int8" if int8 else "onnx"):
@@ -64,8 +69,8 @@ def int8_ready(run: str | Path) -> bool:
     """Whether `run` (a run folder, or an export folder) holds an int8 model that passed its
     validation check, made from the run's current checkpoint."""
     run = Path(run)
-    if run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists():
-        return "int8" in read_sidecar(run / SIDECAR) and (run / INT8_FILE).is_file()
+    if _is_export(run):
+        return run.is_dir() and "int8" in read_sidecar(run / SIDECAR) and (run / INT8_FILE).is_file()
     return export_current(export_dir(run), checkpoint_path(run), "onnx-int8")
 
 
@@ -84,7 +89,7 @@ def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = 
         chosen = "onnx-int8"
     elif gpu_present():
         chosen = "torch"
-    elif onnx_ready(run) or n_images is None or n_images >= ONNX_EXPORT_PAYS:
+    elif n_images is None or n_images >= ONNX_EXPORT_PAYS or onnx_ready(run):
         chosen = "onnx"
     else:
         chosen = "torch"
@@ -95,9 +100,7 @@ def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = 
 def onnx_ready(run: str | Path) -> bool:
     """Whether `run` holds an fp32 ONNX export of its current checkpoint (or is an export folder)."""
     run = Path(run)
-    if run.suffix == ".onnx" or (run.is_dir() and (run / SIDECAR).is_file() and not checkpoint_path(run).exists()):
-        return True
-    return export_current(export_dir(run), checkpoint_path(run), "onnx")
+    return _is_export(run) or export_current(export_dir(run), checkpoint_path(run), "onnx")
 
 
 def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto", compile: str = "auto",
@@ -109,14 +112,6 @@ def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto
     asked = engine
     engine = resolve_engine(run, engine, torch_options=precision != "auto" or compile != "auto" or tta is not None
                             or prevalence is not None, n_images=n_images)
-    if engine == "onnx" and asked == "auto" and not onnx_ready(run):
-        try:  # a default that cannot write its export (a read-only run folder, a full disk) keeps PyTorch
-            from .export import ensure_onnx
-
-            ensure_onnx(run)
-        except (XferlearnError, OSError, RuntimeError) as error:
-            log.warning("engine auto: PyTorch, as the ONNX export could not be made (%s)", error)
-            engine = "torch"
     if engine == "torch":
         from ..models.predictor import load_predictor
 
@@ -130,7 +125,15 @@ def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto
         raise XferlearnError("--tta and --prevalence apply to --engine torch; ONNX engines apply test-time "
                              "augmentation where the export's threshold was chosen with it.")
     fixed = batch_size if n_images is not None and n_images >= batch_size else None
-    predictor = load_onnx(run, int8=engine == "onnx-int8", batch_size=fixed)
+    try:
+        predictor = load_onnx(run, int8=engine == "onnx-int8", batch_size=fixed)
+    except (XferlearnError, OSError, RuntimeError) as error:
+        if asked != "auto":
+            raise
+        # A default that cannot make its export (a read-only run folder, a full disk) keeps PyTorch.
+        log.warning("engine auto: PyTorch, as the ONNX export could not be made (%s)", error)
+        return load_engine(run, "torch", precision=precision, compile=compile, n_images=n_images,
+                           batch_size=batch_size, tta=tta, prevalence=prevalence)
     predictor.engine = engine
     return predictor
 

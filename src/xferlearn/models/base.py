@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +38,6 @@ def cpu_supports_bf16() -> bool:
 
 def gpu_present() -> bool:
     """Whether an NVIDIA GPU is here, without importing torch (its driver lists the GPUs in /proc)."""
-    import sys
-
     if "torch" in sys.modules:
         return sys.modules["torch"].cuda.is_available()
     gpus = Path("/proc/driver/nvidia/gpus")
