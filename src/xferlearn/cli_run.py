@@ -42,7 +42,8 @@ def run_backbones(args) -> int:
                       str(row["default_weights"]), str(row["input_size"]))
     console = Console()
     Console(width=max(console.width, 110)).print(table)  # piped output: keep names whole
-    print("Any other timm model name works too (with --weights imagenet, a file, or none).")
+    print("Any other timm model name works too (with --weights imagenet, a file, or none). Join names with + for "
+          "an ensemble trained and served as one model, e.g. efficientnet_lite0+efficientnet_lite1+efficientnet_lite2.")
     return 0
 
 

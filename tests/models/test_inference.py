@@ -49,6 +49,8 @@ def test_compile_auto_waits_for_enough_images(monkeypatch):
     monkeypatch.delenv("XFERLEARN_COMPILE", raising=False)
     assert not should_compile("auto", 10) and should_compile("auto", COMPILE_MIN_IMAGES)
     assert not should_compile("auto", None) and should_compile("on", 1) and not should_compile("off", 10**6)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # only compared, never used: no GPU needed
+    assert not should_compile("auto", 10**6, gpu) and should_compile("auto", 10**6, cpu) and should_compile("on", 1, gpu)
     monkeypatch.setenv("XFERLEARN_COMPILE", "off")
     assert not should_compile("auto", 10**6)
     with pytest.raises(ValueError):

@@ -33,6 +33,7 @@ from ..data.augment import to_tensor
 from ..data.folders import expand_paths
 from ..data.images import UnreadableImage
 from ..errors import XferlearnError
+from ..models.ensemble import Ensemble
 from ..models.predictor import Predictor, load_predictor
 from ..rundir import RunDir
 
@@ -80,6 +81,15 @@ _LAYER_BY_FAMILY: dict[str, Callable[[torch.nn.Module], str]] = {
     "InceptionV3": lambda m: "Mixed_7c",
     "Xception": lambda m: "act4",                           # timm's legacy (Keras-port) Xception
 }
+
+
+def target_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layer(s) Grad-CAM weighs: one per member of an ensemble (Grad-CAM scales each map to
+    the input's size and averages them), else the backbone's one."""
+    if isinstance(model, Ensemble):
+        return [(f"members.{i}.model.{name}", layer)
+                for i, (name, layer) in enumerate(target_layer(member.model) for member in model.members)]
+    return [target_layer(model)]
 
 
 def target_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
@@ -149,7 +159,8 @@ def explain(predictor: Predictor, item) -> Explanation:
     batch = to_tensor(image)[None]
     probabilities = predictor.probabilities(batch)[0]
     index = int(predictor.decide(probabilities[None])[0])
-    name, layer = target_layer(predictor.model)
+    named = target_layers(predictor.model)
+    name = ", ".join(n for n, _ in named)
     binary = len(predictor.classes) == 2
     target = _LogOdds(index) if binary else ClassifierOutputTarget(index)
     model = predictor.model
@@ -157,7 +168,7 @@ def explain(predictor: Predictor, item) -> Explanation:
     # otherwise leave nothing for backward to differentiate.
     with torch.inference_mode(False), torch.enable_grad(), _gradients_for_input_only(model):
         x = predictor.to_input(batch).float().requires_grad_(True)
-        cam = GradCAM(model=model, target_layers=[layer])
+        cam = GradCAM(model=model, target_layers=[layer for _, layer in named])
         try:  # not `with GradCAM(...)`: its __exit__ swallows IndexError
             heat = cam(input_tensor=x, targets=[target])[0]
         except ValueError as error:

@@ -30,6 +30,7 @@ from timm.models import get_pretrained_cfg
 from .._io import file_sha256
 from ..data.images import INTERPOLATIONS, Preprocessing  # noqa: F401  (re-exported: each weight set carries one)
 from ..errors import XferlearnError
+from .ensemble import assemble, is_ensemble, member_names
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ _IMAGENET_CLASSES = 1000  # the packaged files' fc
 
 
 def resolve(name: str) -> str:
-    """An alias or a timm model name (optionally with a `.tag`) -> the timm model name."""
+    """An alias or a timm model name (optionally with a `.tag`) -> the timm model name; `a+b`
+    (an ensemble, models/ensemble.py) -> each member's, joined the same way."""
+    if is_ensemble(name):
+        return "+".join(resolve(member) for member in member_names(name))
     key = name.strip().lower().replace("-", "_")
     if key in ALIASES:
         return ALIASES[key]
@@ -96,8 +100,13 @@ def resolve(name: str) -> str:
 def create_empty(arch: str, num_classes: int, *, image_size: int | None = None) -> torch.nn.Module:
     """The architecture with random init and no weight loading, to receive a saved state dict.
 
-    `image_size` is needed only for fixed-input-size models (ViTs) trained at another size.
+    `image_size` is needed only for fixed-input-size models (ViTs) trained at another size, and
+    for an ensemble trained at one size.
     """
+    if is_ensemble(arch):
+        archs = member_names(arch)
+        return assemble([create_empty(a, num_classes, image_size=image_size) for a in archs],
+                        [image_size or default_input_size(a) for a in archs])
     if not timm.is_model(arch):
         raise XferlearnError(f"architecture {arch!r} is unknown to timm {timm.__version__}; "
                              "upgrade timm to the version the checkpoint was made with")
@@ -114,6 +123,8 @@ def create_model(name: str, weights: str = "default", num_classes: int = 2,
     `num_classes=0` gives the backbone alone, ending in pooled features.
     """
     arch = resolve(name)
+    if is_ensemble(arch):
+        return _create_ensemble(arch, weights, num_classes, image_size)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise XferlearnError(f"number of classes must be a non-negative integer, got {num_classes!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
@@ -137,6 +148,24 @@ def create_model(name: str, weights: str = "default", num_classes: int = 2,
     return model, preprocessing, tag
 
 
+def default_input_size(arch: str) -> int:
+    return PACKAGED[arch].input_size if arch in PACKAGED else int(get_pretrained_cfg(arch).input_size[-1])
+
+
+def _create_ensemble(arch: str, weights: str, num_classes: int, image_size: int | None):
+    """Each member with its own weights and preprocessing; the ensemble takes the largest
+    member's input size and normalisation (models/ensemble.py)."""
+    if weights not in WEIGHT_SOURCES:
+        raise XferlearnError(f"an ensemble takes --weights {', '.join(WEIGHT_SOURCES)} (one source for every "
+                             f"member); a weights file ({weights}) fits one network")
+    built = [create_model(member, weights, num_classes, image_size) for member in member_names(arch)]
+    models, preprocessings, tags = map(list, zip(*built))
+    sizes = [p.input_size for p in preprocessings]
+    model = assemble(models, sizes, [(p.mean, p.std) for p in preprocessings])
+    model.weights_tags = tags
+    return model, preprocessings[sizes.index(max(sizes))], "+".join(tags)
+
+
 def list_backbones() -> list[dict]:
     """One row per alias, with the weights usable right now. Reads caches only, never the network."""
     rows = []
@@ -146,8 +175,7 @@ def list_backbones() -> list[dict]:
             available.append("packaged")
         if _cached_imagenet_file(arch) is not None:
             available.append("imagenet (cached)")
-        cfg = get_pretrained_cfg(arch)
-        input_size = PACKAGED[arch].input_size if arch in PACKAGED else cfg.input_size[-1]
+        input_size = default_input_size(arch)
         rows.append({"name": alias, "arch": arch, "weights": available,
                      "default_weights": _default_source(arch), "input_size": input_size})
     return rows

@@ -181,7 +181,8 @@ def _checked(record: dict, path: Path) -> Checkpoint:
     need(isinstance(record["state_dict"], dict) and all(isinstance(v, torch.Tensor)
                                                         for v in record["state_dict"].values()),
          "'state_dict' must map names to tensors")
-    need(all(isinstance(record[name], str) and 0 < len(record[name]) <= 200 for name in ("arch", "backbone", "weights")),
+    need(all(isinstance(record[name], str) and 0 < len(record[name]) <= 1000  # an ensemble joins its members'
+             for name in ("arch", "backbone", "weights")),
          "'arch', 'backbone' and 'weights' must be short strings")
     need(len(set(classes)) == len(classes) and all(0 < len(c) <= 200 for c in classes),
          "class names must be distinct and 1 to 200 characters")

@@ -57,7 +57,12 @@ def import_compiler_quietly() -> None:
         logger.setLevel(level)
 
 
-def should_compile(compile: str | bool, n_images: int | None) -> bool:
+def should_compile(compile: str | bool, n_images: int | None, device: torch.device | None = None) -> bool:
+    """auto: on a CPU where enough images repay the compile; never on a GPU, where the eager
+    network already outruns everything around it: on an H200, Lite0 in bf16 ran 6,300 images/s
+    eager in batches of 32 (benchmarks/gpu.py) while a compiled `predict` of 5,216 images took
+    26 s end to end (200 images/s, a compile-cache hit; inductor's import alone is seconds on a
+    fresh machine). benchmarks/RESULTS.md, session 5; not re-timed without compiling there."""
     if isinstance(compile, bool):
         return compile
     if compile not in ("auto", "on", "off"):
@@ -66,7 +71,8 @@ def should_compile(compile: str | bool, n_images: int | None) -> bool:
         # XFERLEARN_COMPILE=off lets tests and constrained machines skip compilation entirely.
         if os.environ.get("XFERLEARN_COMPILE", "auto") == "off":
             return False
-        return n_images is not None and n_images >= COMPILE_MIN_IMAGES
+        on_gpu = device is not None and device.type == "cuda"
+        return not on_gpu and n_images is not None and n_images >= COMPILE_MIN_IMAGES
     return compile == "on"
 
 
@@ -118,7 +124,7 @@ class FastForward:
         self.takes_pixels = normalize is not None
         if self.takes_pixels:
             module = NormalizedInput(module, *normalize, self.input_dtype()).to(self.device)
-        self.compiled = should_compile(compile, n_images)
+        self.compiled = should_compile(compile, n_images, self.device)
         if self.compiled:
             import_compiler_quietly()
             # Freezing folds BatchNorm and constants into the kernels; passed per compile, not set

@@ -27,7 +27,8 @@ from ..data.folders import Manifest, groups, grouping
 from ..errors import XferlearnError
 from ..evaluation.metrics import bootstrap_intervals
 from .calibration import operating_point
-from .linear import compute_features, train_head
+from ..models.ensemble import Ensemble
+from .linear import compute_features, per_member, train_head
 from .loop import console
 
 
@@ -62,10 +63,15 @@ def choose_epoch(logits_by_epoch: np.ndarray, y: np.ndarray, positive: int | Non
 
 
 def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, weights_tag: str, preprocessing,
-                  run: Path, k: int, positive: int | None) -> tuple[dict, np.ndarray]:
-    """Cross-fit the linear head on every image of `manifest`; refit it on all of them.
+                  run: Path, k: int, positive: int | None, stage: str = "") -> tuple[dict, np.ndarray]:
+    """Cross-fit the linear head on every image of `manifest`; refit it on all of them. An
+    ensemble cross-fits each member's head; its out-of-fold logits are their mean.
 
     Returns the selection record and the out-of-fold logits at the chosen epoch (N, C)."""
+    if isinstance(model, Ensemble):
+        fits = per_member(crossfit_head, model, arch, stage, manifest, config, preprocessing=preprocessing,
+                          run=run, k=k, positive=positive)
+        return {"members": [selection for selection, _ in fits]}, np.mean([oof for _, oof in fits], 0)
     everything = np.arange(len(manifest.samples))
     cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
     tables, _ = compute_features(model, manifest, everything, everything[:0], config, arch, weights_tag,
@@ -80,16 +86,16 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
             head = copy.deepcopy(model.get_classifier())
             _, module = train_head(head, train_views[:, inside].reshape(-1, width), np.tile(labels[inside], n_views),
                                    train_views[0, held_out], labels[held_out], config, manifest.classes, run,
-                                   stage=f"cv/fold{fold + 1}", positive=positive, keep_logits=True,
-                                   progress_bar=False)
+                                   stage="/".join(filter(None, (stage, f"cv/fold{fold + 1}"))), positive=positive,
+                                   keep_logits=True, progress_bar=False)
             oof[:, held_out] = np.stack(module.epoch_logits)
             progress.advance(task)
     best, aucs = choose_epoch(oof, labels, positive)
-    console.print(f"Cross-fitting: {k} folds ({grouping(manifest)}); out-of-fold AUC by epoch peaks at epoch "
-                  f"{best + 1} of {config.epochs} ({aucs[best]:.4f}); refitting the head on all "
+    console.print(f"Cross-fitting{' ' + stage if stage else ''}: {k} folds ({grouping(manifest)}); out-of-fold AUC "
+                  f"by epoch peaks at epoch {best + 1} of {config.epochs} ({aucs[best]:.4f}); refitting the head on all "
                   f"{len(labels)} images for {best + 1} epochs.")
     train_head(model.get_classifier(), train_views.reshape(-1, width), np.tile(labels, n_views), None, None, config,
-               manifest.classes, run, positive=positive, max_epochs=best + 1)
+               manifest.classes, run, stage=stage, positive=positive, max_epochs=best + 1)
     selection = {"cv_folds": k, "chosen_epochs": best + 1, "best_epoch_val_auc": aucs[best],
                  "out_of_fold_auc_by_epoch": [round(a, 5) for a in aucs], "grouping": grouping(manifest)}
     return selection, oof[best]

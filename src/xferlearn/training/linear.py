@@ -23,6 +23,7 @@ from ..data.images import DecodeCache
 from ..models.feature_store import FeatureRows, FeatureStore
 from ..models.features import FeatureExtractor, extract, feature_key, view_name
 from ..models.base import usable_cores
+from ..models.ensemble import Ensemble
 from ..models.inference import resolve_precision
 from ..models.onnx_forward import feature_engine
 from .distributed import (barrier, device, is_rank_zero, loader_workers, per_process_batch, rank, size,
@@ -161,7 +162,12 @@ def train_head(head, train_rows, train_y: np.ndarray, val_rows, val_y: np.ndarra
 
 def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str, weights_tag: str,
              preprocessing, cache: DecodeCache, run: Path, stage: str = "", positive: int | None = None):
-    """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone."""
+    """The `linear` recipe: features once per image and view, then a Lightning fit of the head alone.
+    An ensemble fits each member's head so (`per_member`); its validation logits are their mean."""
+    if isinstance(model, Ensemble):
+        fits = per_member(fit_head, model, arch, stage, manifest, train_idx, val_idx, config,
+                          preprocessing=preprocessing, cache=cache, run=run, positive=positive)
+        return {"members": [best for best, _, _ in fits]}, np.mean([logits for _, logits, _ in fits], 0), fits[0][2]
     train_views, val_rows = compute_features(model, manifest, train_idx, val_idx, config, arch, weights_tag,
                                              preprocessing, cache)
     train_y = np.tile(manifest.labels[train_idx], config.views + 1)
@@ -173,6 +179,14 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
     with torch.inference_mode():
         val_logits = np.concatenate([head(torch.from_numpy(x)).numpy() for x in val_rows.chunks()])
     return best, val_logits, val_y
+
+
+def per_member(fit, model: Ensemble, arch: str, stage: str, *args, **kwargs) -> list:
+    """`fit` once per member of an ensemble, each with its own feature-store key (the member's
+    place in this ensemble: its features are computed from the ensemble's input, resized) and
+    its own stage folder, so an interrupted run resumes member by member."""
+    return [fit(member, *args, arch=f"{arch}[{i}]", weights_tag=tag, stage=f"{stage}member{i}", **kwargs)
+            for i, (member, tag) in enumerate(zip(model.members, model.weights_tags))]
 
 
 @torch.no_grad()

@@ -50,6 +50,8 @@ def quiet_lightning():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         # A refit for an epoch count chosen on out-of-fold predictions validates on nothing, by design.
         warnings.filterwarnings("ignore", message=r".*validation_step.*no .*val_dataloader.*|.*Skipping val loop.*")
+        # The head on cached features runs on the CPU by choice, also where a GPU is (seen on an H200).
+        warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
         # Lightning's all_gather of the validation logits goes through this torch function.
         warnings.filterwarnings("ignore", message=r".*distributed.nn.functional.all_gather is deprecated.*")
         try:

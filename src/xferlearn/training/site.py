@@ -30,6 +30,7 @@ from ..evaluation.evaluate import evaluation_root
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.thresholds import apply_temperature, choose_operating_point, fit_temperature
 from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..models.ensemble import classifiers
 from ..models.features import image_loader
 from ..models.predictor import Predictor
 from ..rundir import RunDir
@@ -65,12 +66,14 @@ def fold_prior(checkpoint: Checkpoint, site_prior: np.ndarray) -> None:
     shift goes into the classifier's bias and every engine (export included) computes it."""
     old = np.asarray(checkpoint.class_prior or [1 / len(site_prior)] * len(site_prior), dtype=float)
     model = checkpoint.build_model()
-    head = model.get_classifier()
-    if not isinstance(head, torch.nn.Linear) or head.bias is None:
-        raise XferlearnError(f"--prior needs a linear classifier with a bias; {checkpoint.arch}'s head is "
-                             f"{type(head).__name__}. Calibrate without --prior.")
+    heads = classifiers(model)  # an ensemble's logits are its members' mean: shift each member's bias
+    for head in heads:
+        if not isinstance(head, torch.nn.Linear) or head.bias is None:
+            raise XferlearnError(f"--prior needs a linear classifier with a bias; {checkpoint.arch}'s head is "
+                                 f"{type(head).__name__}. Calibrate without --prior.")
     with torch.no_grad():
-        head.bias += torch.from_numpy(checkpoint.temperature * np.log(site_prior / old)).to(head.bias)
+        for head in heads:
+            head.bias += torch.from_numpy(checkpoint.temperature * np.log(site_prior / old)).to(head.bias)
     checkpoint.state_dict = model.state_dict()
     checkpoint.class_prior = site_prior.tolist()
 
