@@ -95,3 +95,23 @@ def test_two_processes_give_the_one_process_answer(tmp_path):
     assert xferlearn.load(two).classes == xferlearn.load(one.run_dir).classes
     # Only rank 0 wrote the run: one metrics log, the files of one run.
     assert (two / "split.json").exists() and (two / "config.json").exists() and (two / "model.pt").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_an_ensemble_fits_member_by_member_in_two_processes(tmp_path):
+    """Each member's features are sharded and its head fitted under DDP in turn: the same
+    validation probabilities as one process."""
+    options = {**OPTIONS, "backbone": "resnet18+resnet10t"}
+    data = make_folder(tmp_path / "data", per_class=15)
+    one = xferlearn.train(data=str(data), out=str(tmp_path / "one"), cache_dir=str(tmp_path / "cache1"), **options)
+    src = str(Path(xferlearn.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "xferlearn.cli", "train", str(data), "--out", str(tmp_path / "two"),
+                           "--cache-dir", str(tmp_path / "cache2"), "--devices", "2", "--strategy", "ddp",
+                           "--accelerator", "cpu", *cli_flags(options)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "cache2" / "features").iterdir())) == 2  # one feature table per member
+    p1, p2 = predictions(one.run_dir), predictions(tmp_path / "two")
+    assert p1.keys() == p2.keys() and 0.05 < np.mean(list(p1.values())) < 0.95
+    assert max(abs(p1[f] - p2[f]) for f in p1) < 0.02
