@@ -227,6 +227,11 @@ def ensure_onnx(run: str | Path, out: str | Path | None = None) -> Path:
         load_checkpoint(run)  # raises the usual "no checkpoint" error
     folder = Path(out) if out else export_dir(run)
     if not export_current(folder, checkpoint):
+        from rich.console import Console
+
         log.info("exporting %s to %s for ONNX Runtime", run, folder)
-        export(run, "onnx", folder)
+        # Seconds to a minute (an ensemble), once per checkpoint: say so on a terminal while it runs.
+        with Console(stderr=True).status(f"Exporting the model to ONNX for ONNX Runtime, once for this checkpoint "
+                                         f"(into {folder})"):
+            export(run, "onnx", folder)
     return folder
