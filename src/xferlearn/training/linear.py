@@ -185,6 +185,8 @@ def per_member(fit, model: Ensemble, arch: str, stage: str, *args, **kwargs) -> 
     """`fit` once per member of an ensemble, each with its own feature-store key (the member's
     place in this ensemble: its features are computed from the ensemble's input, resized) and
     its own stage folder, so an interrupted run resumes member by member."""
+    if len(model.weights_tags) != len(model.members):  # only create_model names the members' weights
+        raise ValueError("an ensemble to train must come from create_model, which records each member's weights")
     return [fit(member, *args, arch=f"{arch}[{i}]", weights_tag=tag, stage=f"{stage}member{i}", **kwargs)
             for i, (member, tag) in enumerate(zip(model.members, model.weights_tags))]
 
