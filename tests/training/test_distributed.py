@@ -65,18 +65,23 @@ def predictions(run: Path) -> dict[str, float]:
         return {row["file"]: float(row["p_PNEUMONIA"]) for row in csv.DictReader(handle)}
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_two_processes_give_the_one_process_answer(tmp_path):
-    data = make_folder(tmp_path / "data", per_class=21)  # 9 validation images: the sampler pads them to 10
-    one = xferlearn.train(data=str(data), out=str(tmp_path / "one"), cache_dir=str(tmp_path / "cache1"), **OPTIONS)
+def train_in_two_processes(data: Path, tmp_path: Path, options: dict) -> Path:
+    """`xferlearn train DATA --devices 2 --strategy ddp --accelerator cpu` into tmp_path/two (cache2)."""
     src = str(Path(xferlearn.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "xferlearn.cli", "train", str(data), "--out", str(tmp_path / "two"),
                            "--cache-dir", str(tmp_path / "cache2"), "--devices", "2", "--strategy", "ddp",
-                           "--accelerator", "cpu", *cli_flags(OPTIONS)],
+                           "--accelerator", "cpu", *cli_flags(options)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = tmp_path / "two"
+    return tmp_path / "two"
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_give_the_one_process_answer(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=21)  # 9 validation images: the sampler pads them to 10
+    one = xferlearn.train(data=str(data), out=str(tmp_path / "one"), cache_dir=str(tmp_path / "cache1"), **OPTIONS)
+    two = train_in_two_processes(data, tmp_path, OPTIONS)
 
     # The sharded feature cache is whole: every row of the one-process cache, equal.
     rows1, rows2 = store_rows(tmp_path / "cache1"), store_rows(tmp_path / "cache2")
@@ -104,14 +109,8 @@ def test_an_ensemble_fits_member_by_member_in_two_processes(tmp_path):
     options = {**OPTIONS, "backbone": "resnet18+resnet10t"}
     data = make_folder(tmp_path / "data", per_class=15)
     one = xferlearn.train(data=str(data), out=str(tmp_path / "one"), cache_dir=str(tmp_path / "cache1"), **options)
-    src = str(Path(xferlearn.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "xferlearn.cli", "train", str(data), "--out", str(tmp_path / "two"),
-                           "--cache-dir", str(tmp_path / "cache2"), "--devices", "2", "--strategy", "ddp",
-                           "--accelerator", "cpu", *cli_flags(options)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    two = train_in_two_processes(data, tmp_path, options)
     assert len(list((tmp_path / "cache2" / "features").iterdir())) == 2  # one feature table per member
-    p1, p2 = predictions(one.run_dir), predictions(tmp_path / "two")
+    p1, p2 = predictions(one.run_dir), predictions(two)
     assert p1.keys() == p2.keys() and 0.05 < np.mean(list(p1.values())) < 0.95
     assert max(abs(p1[f] - p2[f]) for f in p1) < 0.02
