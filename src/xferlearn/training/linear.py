@@ -23,7 +23,7 @@ from ..data.images import DecodeCache
 from ..models.feature_store import FeatureRows, FeatureStore
 from ..models.features import FeatureExtractor, extract, feature_key, view_name
 from ..models.base import usable_cores
-from ..models.ensemble import Ensemble
+from ..models.ensemble import Ensemble, member_names
 from ..models.inference import resolve_precision
 from ..models.onnx_forward import feature_engine
 from .distributed import (barrier, device, is_rank_zero, loader_workers, per_process_batch, rank, size,
@@ -182,13 +182,15 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
 
 
 def per_member(fit, model: Ensemble, arch: str, stage: str, *args, **kwargs) -> list:
-    """`fit` once per member of an ensemble, each with its own feature-store key (the member's
-    place in this ensemble: its features are computed from the ensemble's input, resized) and
-    its own stage folder, so an interrupted run resumes member by member."""
+    """`fit` once per member of an ensemble, each in its own stage folder (an interrupted run
+    resumes member by member) and under its own feature-store key: the member's architecture
+    and size, its weights, and (from the caller's preprocessing) the ensemble's input it
+    resizes, all that changes its features, so ensembles sharing a member and an input size
+    share its features."""
     if len(model.weights_tags) != len(model.members):  # only create_model names the members' weights
         raise ValueError("an ensemble to train must come from create_model, which records each member's weights")
-    return [fit(member, *args, arch=f"{arch}[{i}]", weights_tag=tag, stage=f"{stage}member{i}", **kwargs)
-            for i, (member, tag) in enumerate(zip(model.members, model.weights_tags))]
+    return [fit(member, *args, arch=f"{name}@{member.size}", weights_tag=tag, stage=f"{stage}member{i}", **kwargs)
+            for i, (name, member, tag) in enumerate(zip(member_names(arch), model.members, model.weights_tags))]
 
 
 @torch.no_grad()
