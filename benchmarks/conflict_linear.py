@@ -72,7 +72,7 @@ def main() -> int:
         checkpoint = load_checkpoint(run)
         pos, classes = checkpoint.positive_index, checkpoint.classes
         pre = checkpoint.preprocessing
-        cache = DecodeCache(None, pre.input_size, pre.interpolation)
+        cache = DecodeCache.of(pre)
         manifest = scan(args.folder, cache, classes=classes, dedupe=False)
         y = manifest.labels
         probs = probabilities(checkpoint, features_of(checkpoint, manifest.paths, manifest.digests, cache))

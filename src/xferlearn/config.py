@@ -26,6 +26,7 @@ FEATURE_ENGINES = ("auto", "torch", "onnx")
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 AUGMENT_PRESETS = ("article", "xray", "robust", "none")  # defined in data/augment.py (train_transform)
+CONTRASTS = ("auto", "clahe", "none")  # the contrast step before the network (data/contrast.py)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
 # `--help`, the checks and the code that acts on them share one definition.
 # auto (predict's and serve's default): onnx-int8 where the run's export holds an int8 model that
@@ -108,6 +109,9 @@ class TrainConfig:
     target_sensitivity: float | None = _option(None, "the sensitivity the threshold must reach (sets "
                                                "--threshold target_sensitivity), e.g. 0.97")
     image_size: int | None = _option(None, "input size in pixels (default: the weights' own)", metavar="PX")
+    contrast: str = _option("auto", "local contrast equalisation (CLAHE) of every image before the network, in "
+                            "training and in every command after; auto: for grayscale images (X-rays), not for "
+                            "colour ones", CONTRASTS)
     precision: str = _option("auto", "auto: bf16 where the hardware computes it natively", PRECISIONS)
     compile: str = _option("auto", "torch.compile the frozen backbone; auto: when enough images repay it",
                            COMPILE_MODES)
@@ -154,6 +158,7 @@ class TrainConfig:
             self.augment = DEFAULT_AUGMENT[self.recipe]
         if self.backbone is None:
             self.backbone = DEFAULT_BACKBONE[self.recipe]
+        need(self.contrast in CONTRASTS, f"--contrast must be one of {CONTRASTS}, not {self.contrast!r}.")
         need(self.augment in AUGMENT_PRESETS, f"--augment must be one of {AUGMENT_PRESETS}, not {self.augment!r}.")
         need(self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}, not {self.imbalance!r}.")
         need(self.threshold in THRESHOLDS, f"--threshold must be one of {THRESHOLDS}, not {self.threshold!r}.")

@@ -129,6 +129,32 @@ def test_feature_cache_is_reused(tmp_path, image_folder, monkeypatch):
     assert sum(calls) > 0  # another seed: other augmented views, computed afresh
 
 
+def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path, image_folder):
+    """Gray images (X-rays) get CLAHE by default, colour ones not; the saved run then applies it in
+    predict through PyTorch and ONNX Runtime exactly as training's validation did."""
+    from PIL import Image
+
+    gray = xferlearn.train(data=str(image_folder), out=str(tmp_path / "gray"), **TINY).run_dir
+    assert load_checkpoint(gray).preprocessing.contrast == "clahe"
+    with open(gray / "validation_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    recorded = np.array([float(row["p_PNEUMONIA"]) for row in rows])
+    for engine in ("torch", "onnx"):
+        predicted = [row["probabilities"]["PNEUMONIA"]
+                     for row in xferlearn.predict(gray, [row["file"] for row in rows], engine=engine)]
+        np.testing.assert_allclose(predicted, recorded, atol=2e-4, err_msg=engine)
+    sidecar = json.loads((gray / "export" / "model.json").read_text())
+    assert "CLAHE" in sidecar["preprocessing"]["note"] and sidecar["preprocessing"]["contrast"] == "clahe"
+
+    off = xferlearn.train(data=str(image_folder), out=str(tmp_path / "off"), contrast="none", **TINY).run_dir
+    assert load_checkpoint(off).preprocessing.contrast == "none"
+    for path in image_folder.rglob("*.jpeg"):  # the same images, tinted: a colour set
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        Image.fromarray((rgb * [1.0, 0.8, 0.6]).astype(np.uint8)).save(path)
+    colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **TINY).run_dir
+    assert load_checkpoint(colour).preprocessing.contrast == "none"
+
+
 def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_path, image_folder):
     runs = {engine: xferlearn.train(data=str(image_folder), out=str(tmp_path / engine), feature_engine=engine,
                                     cache_dir=str(tmp_path / "cache"), **TINY).run_dir

@@ -326,11 +326,13 @@ class ImageDataset:
     def __getitem__(self, index: int):
         # Here, not at the top: listing and expanding folders (predict on an ONNX engine) must not import torch.
         from .augment import augmented, to_tensor, view_seed
+        from .contrast import equalize, equalize_tensor
 
         array = self.cache.get(self.paths[index], self.digests[index])
         if self.transform is None or self.view == 0:
-            image = to_tensor(array)
-        else:
-            image = augmented(array, self.transform, view_seed(self.digests[index], self.view, self.seed))
+            image = to_tensor(equalize(array, self.cache.contrast))
+        else:  # the contrast step after augmentation, as it would meet a new device's image
+            image = equalize_tensor(augmented(array, self.transform, view_seed(self.digests[index], self.view,
+                                                                                  self.seed)), self.cache.contrast)
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label

@@ -42,12 +42,14 @@ INTERPOLATIONS = ("bilinear", "bicubic")  # what weight sets use; decode also ta
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image must be prepared for a set of weights: squash to a square, scale, normalise."""
+    """How an image must be prepared for a set of weights: squash to a square, equalise its contrast
+    where the run chose to, scale, normalise."""
 
     input_size: int
     mean: tuple[float, float, float]  # on the 0..1 scale
     std: tuple[float, float, float]
     interpolation: str  # "bilinear" | "bicubic"
+    contrast: str = "none"  # "clahe" | "none": the contrast step after decoding (data/contrast.py)
 
     def __post_init__(self):
         # Checked here because preprocessing is also read back from checkpoints and caches.
@@ -58,16 +60,20 @@ class Preprocessing:
         if self.interpolation not in INTERPOLATIONS:
             raise XferlearnError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                                  f"got {self.interpolation!r}")
+        if self.contrast not in ("clahe", "none"):
+            raise XferlearnError(f"the contrast step must be clahe or none, got {self.contrast!r}")
 
     def to_dict(self) -> dict:
+        # "contrast" only where there is one: records and feature keys from before it stay as they were.
         return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+                "interpolation": self.interpolation} | ({"contrast": self.contrast} if self.contrast != "none" else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         try:
             return cls(input_size=int(d["input_size"]), mean=tuple(float(v) for v in d["mean"]),
-                       std=tuple(float(v) for v in d["std"]), interpolation=str(d["interpolation"]))
+                       std=tuple(float(v) for v in d["std"]), interpolation=str(d["interpolation"]),
+                       contrast=str(d.get("contrast", "none")))
         except (KeyError, TypeError, ValueError) as error:
             raise XferlearnError(f"preprocessing record is malformed ({error!r}); "
                                  "it needs input_size, mean, std and interpolation") from None
@@ -188,14 +194,23 @@ class DecodeCache:
     images with an old one (a slice, a superset, a re-split) reuses every one of them.
     A gray image (every X-ray) is stored as one channel, a third of the bytes to write and
     read, and given back as RGB. A cache that cannot be written (read-only or full disk) is
-    skipped, never fatal.
+    skipped, never fatal. It stores the decoded pixels as they are; `contrast` is the step the
+    datasets built on it apply after augmentation (data/contrast.py), so runs with and without
+    it share one cache.
     """
 
-    def __init__(self, root: Path | None = None, size: int = 224, interpolation: str = "bilinear"):
+    def __init__(self, root: Path | None = None, size: int = 224, interpolation: str = "bilinear",
+                 contrast: str = "none"):
         self.root = Path(root or default_cache_dir()) / "decoded" / f"{size}-{interpolation}"
         self.size = size
         self.interpolation = interpolation
+        self.contrast = contrast
         self.writable = True
+
+    @classmethod
+    def of(cls, preprocessing: Preprocessing, root: Path | str | None = None) -> DecodeCache:
+        """The cache of the arrays a model with `preprocessing` takes."""
+        return cls(root, preprocessing.input_size, preprocessing.interpolation, preprocessing.contrast)
 
     def _path(self, digest: str) -> Path:
         return self.root / digest[:2] / f"{digest}.npy"

@@ -32,6 +32,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write, file_sha256, os_error, write_json
 from ..data.augment import TTA_VIEWS
+from ..data.contrast import DESCRIPTION as CONTRAST
 from ..data.images import Preprocessing
 from ..errors import XferlearnError
 from ..models.checkpoint import Checkpoint, load_checkpoint
@@ -209,7 +210,9 @@ def _sidecar(checkpoint: Checkpoint, run, out: Path, fmt: str, exporter: str, di
                 "how": "the threshold was chosen on probabilities averaged over these views of each image (zoom "
                        "about the centre, shift as a fraction of the side, bilinear): average the model's "
                        "outputs over them to reproduce `xferlearn predict`"} if checkpoint.tta else {"on": False},
-        "preprocessing": pre.to_dict() | {"note": "mean/std (0..1 scale) are already applied inside the graph"},
+        "preprocessing": pre.to_dict() | {"note": "mean/std (0..1 scale) are already applied inside the graph"
+                                          + (f"; the contrast step is not: apply {CONTRAST} to each decoded "
+                                             "image first" if pre.contrast == "clahe" else "")},
         "backbone": checkpoint.backbone, "arch": checkpoint.arch, "weights": checkpoint.weights,
         "xferlearn_version": __version__, "training_versions": checkpoint.versions,
         "exporters": {k: v for k, v in previous.get("exporters", {}).items() if k in files} | {fmt: exporter},

@@ -37,7 +37,8 @@ import numpy as np
 
 from .._io import file_sha256, os_error, read_json, write_json
 from ..data.folders import expand_paths
-from ..data.images import UnreadableImage, decode_file
+from ..data.contrast import equalize
+from ..data.images import Preprocessing, UnreadableImage, decode_file
 from ..errors import XferlearnError
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.thresholds import choose_operating_point
@@ -66,12 +67,12 @@ def read_split(run: str | Path, expected_sha256: str | None = None) -> dict:
     return record
 
 
-def decode_images(paths, size: int, interpolation: str, what: str) -> np.ndarray:
-    """(N, 3, S, S) uint8 of `paths`, each decoded as training did."""
+def decode_images(paths, pre: Preprocessing, what: str) -> np.ndarray:
+    """(N, 3, S, S) uint8 of `paths`, each decoded (and its contrast equalised) as training did."""
     arrays = []
     for path in paths:
         try:
-            arrays.append(decode_file(path, size, interpolation))
+            arrays.append(equalize(decode_file(path, pre.input_size, pre.interpolation), pre.contrast))
         except (OSError, UnreadableImage) as error:
             raise XferlearnError(f"cannot read {path}, one of the {what} ({error}); int8 quantisation needs them "
                                  "where the run's split.json lists them.") from None
@@ -154,11 +155,11 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
     pre = checkpoint.preprocessing
     split = read_split(run, checkpoint.split_sha256)
     paths, calibration_source = calibration_paths(split, calibration, n_calibration)
-    calibration_images = decode_images(paths, pre.input_size, pre.interpolation, "calibration images")
+    calibration_images = decode_images(paths, pre, "calibration images")
     val = split.get("val", [])
     if len(val) < 2:
         raise XferlearnError("int8 quantisation needs a validation split to check itself on; this run has none.")
-    val_images = decode_images([v["path"] for v in val], pre.input_size, pre.interpolation,
+    val_images = decode_images([v["path"] for v in val], pre,
                                "validation images")
     val_y = np.array([v["label"] for v in val])
 

@@ -81,7 +81,7 @@ def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision,
     predictor = load_predictor(run, precision=precision, tta=tta, prevalence=prevalence)
     root = evaluation_root(Path(data), predictor.classes)
     pre = predictor.preprocessing
-    cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
+    cache = DecodeCache.of(pre, cache_dir)
     manifest = scan(root, cache, classes=predictor.classes, dedupe=False)
     rundir = RunDir.of(run)
     overlap = find_overlap(load_split(rundir.split), manifest.digests, hashes(manifest.paths, manifest.digests, cache))
@@ -103,6 +103,7 @@ def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision,
     metrics["unreadable"] = [{"file": path, "reason": reason} for path, reason in manifest.unreadable]
     run_info = {"run": str(rundir.root.resolve()), "data": str(root.resolve()), "backbone": checkpoint.backbone,
                 "weights": checkpoint.weights, "checkpoint": str(checkpoint_path(run).resolve()),
+                "contrast step": checkpoint.preprocessing.contrast,
                 "temperature": round(checkpoint.temperature, 4), "test-time augmentation": predictor.tta,
                 "prevalence": predictor.prevalence or "as trained"}
     history = rundir.history()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .._io import read_json
+from ..data.contrast import equalize_tensor
 from ..data.folders import scan
 from ..data.images import DecodeCache, UnreadableImage
 from ..errors import XferlearnError
@@ -63,7 +64,7 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
 
         predictor = Predictor(checkpoint, precision=precision)
     pre = checkpoint.preprocessing
-    cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
+    cache = DecodeCache.of(pre, cache_dir)
     paths, digests, labels, source = _images(run, data, split, checkpoint.classes, cache)
     paths, digests, labels = _limit(paths, digests, labels, limit, len(checkpoint.classes), seed)
     started = time.perf_counter()
@@ -146,6 +147,8 @@ def _probabilities(predictor, images, digests, shift, severity, batch_size, adva
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = corrupt_batch(images[start:start + batch_size], digests[start:start + batch_size], shift, severity)
+        # The run's contrast step after the shift, as it would meet a shifted device's image.
+        batch = equalize_tensor(batch, predictor.preprocessing.contrast)
         chunks.append(predictor.probabilities(batch.contiguous()))
         advance(len(batch), f"{shift} {severity}" if severity else "clean")
     return np.concatenate(chunks)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.contrast import equalize
 from ..data.images import Preprocessing, UnreadableImage, decode, decode_file
 
 
@@ -83,7 +84,11 @@ class BasePredictor(ABC):
 
     # --- convenience for users ----------------------------------------------------------
     def decode(self, item) -> np.ndarray:
-        """A path, bytes, PIL image or HxWxC array -> the (size, size, 3) uint8 array training used."""
+        """A path, bytes, PIL image or HxWxC array -> the (size, size, 3) uint8 array training used
+        (decoded, then its contrast equalised where the run does)."""
+        return equalize(self._decode(item), self.preprocessing.contrast)
+
+    def _decode(self, item) -> np.ndarray:
         size, interpolation = self.preprocessing.input_size, self.preprocessing.interpolation
         if isinstance(item, (str, Path)):
             return decode_file(item, size, interpolation)

@@ -73,7 +73,7 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
                           run=run, k=k, positive=positive)
         return {"members": [selection for selection, _ in fits]}, np.mean([oof for _, oof in fits], 0)
     everything = np.arange(len(manifest.samples))
-    cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
+    cache = DecodeCache.of(preprocessing, config.cache_dir)
     tables, _ = compute_features(model, manifest, everything, everything[:0], config, arch, weights_tag,
                                  preprocessing, cache)
     train_views = np.stack([table.read(np.arange(len(table))) for table in tables])  # small data: in memory

@@ -49,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._io import atomic_write
 from ..config import TrainConfig
 from ..data.augment import to_tensor, train_transform
+from ..data.contrast import equalize_tensor
 from ..data.folders import ImageDataset, Manifest
 from ..data.images import DecodeCache
 from ..models.features import default_workers, image_loader
@@ -136,7 +137,7 @@ class RandomViews(ImageDataset):
 
     def __getitem__(self, index: int):
         array = self.cache.get(self.paths[index], self.digests[index])
-        return self.transform(to_tensor(array)), int(self.labels[index])
+        return equalize_tensor(self.transform(to_tensor(array)), self.cache.contrast), int(self.labels[index])
 
 
 def stage_callbacks(config: TrainConfig) -> list:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +27,7 @@ from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
 from ..data.folders import (Manifest, count_images, find_layout, folder_split, grouping, save_split, scan,
                             split_validation, use_validation_folder)
 from ..data.phash import hashes
+from ..data.contrast import AUTO_SAMPLE, resolve_contrast
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
 from ..evaluation.metrics import bootstrap_intervals, named_positive_index
@@ -124,6 +125,19 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
     return manifest, train_idx, val_idx, how, 0
 
 
+def choose_contrast(config: TrainConfig, manifest: Manifest, train_idx, cache: DecodeCache, preprocessing):
+    """The run's preprocessing with its contrast step resolved (`--contrast auto`: CLAHE where a
+    spread sample of the training images is all grayscale), and the cache set to apply it."""
+    sample = np.asarray(train_idx)[np.linspace(0, len(train_idx) - 1, min(AUTO_SAMPLE, len(train_idx))).astype(int)]
+    paths, digests = manifest.paths, manifest.digests  # each a list built per access: once here
+    contrast = resolve_contrast(config.contrast, (cache.get(paths[i], digests[i]) for i in sample))
+    if config.contrast == "auto":
+        console.print("Contrast: CLAHE (local equalisation), as the images are grayscale (--contrast none: off)."
+                      if contrast == "clahe" else "Contrast: as decoded (colour images; --contrast clahe: equalise).")
+    cache.contrast = contrast
+    return replace(preprocessing, contrast=contrast)
+
+
 def train(config: TrainConfig | None = None, **options) -> TrainResult:
     """Train a classifier on a folder of class folders; see TrainConfig for the options. With
     several processes (--devices, --num-nodes) every one of them runs `train_here`."""
@@ -155,10 +169,11 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     if is_rank_zero():
         config.save(run.config)
 
-    cache = DecodeCache(config.cache_dir, preprocessing.input_size, preprocessing.interpolation)
+    cache = DecodeCache.of(preprocessing, config.cache_dir)
     if not is_rank_zero():
         barrier()  # rank 0 decodes into the shared cache first; the others then only read and hash
     manifest, train_idx, val_idx, how, folds = split(config, layout, cache)
+    preprocessing = choose_contrast(config, manifest, train_idx, cache, preprocessing)
     if is_rank_zero():
         barrier()
         save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))

@@ -103,7 +103,7 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
 
     root = evaluation_root(Path(data), checkpoint.classes)
     pre = checkpoint.preprocessing
-    cache = DecodeCache(cache_dir, pre.input_size, pre.interpolation)
+    cache = DecodeCache.of(pre, cache_dir)
     manifest = scan(root, cache, classes=checkpoint.classes)
     counts = manifest.counts()
     small = {name: n for name, n in counts.items() if n < min_per_class}
