@@ -2,6 +2,7 @@
 
     python3 benchmarks/compare_runs.py RUN_A RUN_B DATA [--boot 2000] [--engine auto]
     python3 benchmarks/compare_runs.py RUN_A+RUN_B+RUN_C RUN_A DATA     # an ensemble against a member
+    python3 benchmarks/compare_runs.py RUN_A RUN_B DATA --data-a COPY    # A on a preprocessed copy of DATA
 
 Both runs predict every image of DATA (a folder of class folders: a grouped or shifted
 held-out split such as benchmarks/shift_split.py's val/, never a test set one then tunes on).
@@ -67,14 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", type=Path, help="a labelled folder of class folders neither run was tuned on")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     parser.add_argument("--engine", default="auto", help="prediction engine for both runs (default: auto)")
+    parser.add_argument("--data-a", type=Path, help="run A predicts the same files from this folder instead: "
+                        "a preprocessed copy of DATA (benchmarks/preprocessed_copy.py), paired by file name")
     args = parser.parse_args(argv)
 
     class_names = sorted(d.name for d in args.data.iterdir() if d.is_dir() and not d.name.startswith("."))
     listed = [(str(p), name) for name in class_names for p in expand_paths([args.data / name])]
     paths, truth = [p for p, _ in listed], [name for _, name in listed]
     figures, positives = [], []
-    for run in (args.run_a, args.run_b):
-        probs, classes, threshold, positive = scored(run, paths, args.engine)
+    paths_a = [str(args.data_a / Path(p).relative_to(args.data)) for p in paths] if args.data_a else paths
+    for run, run_paths in ((args.run_a, paths_a), (args.run_b, paths)):
+        probs, classes, threshold, positive = scored(run, run_paths, args.engine)
         if len(classes) != 2 or sorted(classes) != class_names:
             sys.exit(f"compare_runs: {run} has classes {classes}; DATA has {class_names} (two-class runs only)")
         y = np.array([classes.index(name) for name in truth])
