@@ -211,8 +211,8 @@ def _sidecar(checkpoint: Checkpoint, run, out: Path, fmt: str, exporter: str, di
                        "about the centre, shift as a fraction of the side, bilinear): average the model's "
                        "outputs over them to reproduce `xferlearn predict`"} if checkpoint.tta else {"on": False},
         "preprocessing": pre.to_dict() | {"note": "mean/std (0..1 scale) are already applied inside the graph"
-                                          + (f"; the contrast step is not: apply {CONTRAST} to each decoded "
-                                             "image first" if pre.contrast == "clahe" else "")},
+                                          + (f"; the contrast step is not: apply it to each decoded image "
+                                             f"first: {CONTRAST}" if pre.contrast == "clahe" else "")},
         "backbone": checkpoint.backbone, "arch": checkpoint.arch, "weights": checkpoint.weights,
         "xferlearn_version": __version__, "training_versions": checkpoint.versions,
         "exporters": {k: v for k, v in previous.get("exporters", {}).items() if k in files} | {fmt: exporter},
