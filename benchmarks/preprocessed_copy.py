@@ -5,7 +5,7 @@
 Writes OUT/{train,val}/CLASS/NAME for every image of SPLIT/{train,val}/CLASS (a folder such as
 benchmarks/shift_split.py writes), as 8-bit gray JPEG q95 after the transform: `identity` (the
 re-encoding alone: the baseline every other copy is compared with), `equalize` (PIL's global
-histogram equalisation), `clahe` (OpenCV, clip limit 2, 8x8 tiles) or `crop80` (the central 80%,
+histogram equalisation), `clahe` (xferlearn's own, data/contrast.py) or `crop80` (the central 80%,
 resized back: less of the borders, markers and shoulders). Then train on OUT/train with
 `--contrast none` and compare it with a run on the identity copy, each on its own copy of val/,
 paired by file name:
@@ -22,9 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from xferlearn.data.contrast import equalize  # noqa: E402  (the CLAHE xferlearn applies)
 
 KINDS = ("identity", "equalize", "clahe", "crop80")
 
@@ -33,7 +35,7 @@ def transform(gray: Image.Image, kind: str) -> Image.Image:
     if kind == "equalize":
         return ImageOps.equalize(gray)
     if kind == "clahe":
-        return Image.fromarray(cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.asarray(gray)))
+        return Image.fromarray(equalize(np.asarray(gray.convert("RGB")), "clahe")[..., 0])
     if kind == "crop80":
         w, h = gray.size
         return gray.crop((w // 10, h // 10, w - w // 10, h - h // 10)).resize((w, h), Image.Resampling.BICUBIC)

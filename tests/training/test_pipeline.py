@@ -153,6 +153,8 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
         Image.fromarray((rgb * [1.0, 0.8, 0.6]).astype(np.uint8)).save(path)
     colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **TINY).run_dir
     assert load_checkpoint(colour).preprocessing.contrast == "none"
+    with pytest.raises(XferlearnError, match=r"--contrast must be one of \('auto', 'clahe', 'none'\)"):
+        TrainConfig(data=str(image_folder), contrast="sharpen")
 
 
 def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_path, image_folder):

@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .images import is_gray
 
 CLIP_LIMIT = 2.0  # OpenCV's usual setting; contrast is amplified at most this much per tile
 TILES = 8  # an 8x8 grid of tiles: 28 px tiles on a 224 px image
 AUTO_SAMPLE = 64  # images looked at to tell a grayscale set from a colour one
 DESCRIPTION = (f"CLAHE (OpenCV createCLAHE, clip limit {CLIP_LIMIT}, {TILES}x{TILES} tiles) on the gray channel, "
                "or on the lightness of the Lab form of a colour image")
-
-
-def is_gray(array: np.ndarray) -> bool:
-    """Whether an (H, W, 3) uint8 array has three equal channels."""
-    return bool((array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all())
 
 
 def resolve_contrast(option: str, arrays) -> str:

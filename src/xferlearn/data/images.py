@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageMode, ImageOps
 
 from .._io import atomic_write, content_hash  # noqa: F401  (content_hash: re-exported for the data stage)
+from ..config import CONTRASTS
 from ..errors import XferlearnError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -38,6 +39,12 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # what weight sets use; decode also takes nearest and lanczos
+RESOLVED_CONTRASTS = tuple(c for c in CONTRASTS if c != "auto")  # what a run records once auto is decided
+
+
+def is_gray(array: np.ndarray) -> bool:
+    """Whether an (H, W, 3) uint8 array has three equal channels."""
+    return bool((array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all())
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,9 @@ class Preprocessing:
         if self.interpolation not in INTERPOLATIONS:
             raise XferlearnError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                                  f"got {self.interpolation!r}")
-        if self.contrast not in ("clahe", "none"):
-            raise XferlearnError(f"the contrast step must be clahe or none, got {self.contrast!r}")
+        if self.contrast not in RESOLVED_CONTRASTS:
+            raise XferlearnError(f"the contrast step must be one of {', '.join(RESOLVED_CONTRASTS)}, "
+                                 f"got {self.contrast!r}")
 
     def to_dict(self) -> dict:
         # "contrast" only where there is one: records and feature keys from before it stay as they were.
@@ -222,9 +230,8 @@ class DecodeCache:
         """Decode bytes already in memory and store the array (scan reads each file only once)."""
         array = decode(data, self.size, self.interpolation)
         if self.writable:
-            gray = (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all()
             buffer = io.BytesIO()
-            np.save(buffer, array[..., 0] if gray else array, allow_pickle=False)
+            np.save(buffer, array[..., 0] if is_gray(array) else array, allow_pickle=False)
             try:
                 atomic_write(self._path(digest), buffer.getvalue(), durable=False)
             except XferlearnError:  # a full or read-only cache costs decoding again, never the run
