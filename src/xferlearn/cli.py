@@ -58,9 +58,9 @@ def add_train(commands) -> None:
             parser.add_argument("--no-cv", dest="cv", action="store_const", const=0,
                                 help="never cross-fit: choose on a held-out split (or the validation folder)")
             continue
-        if isinstance(f.default, bool):
+        if str(f.type).startswith("bool"):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"{text} (default: %(default)s)")
+                                help=text if f.default is None else f"{text} (default: %(default)s)")
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         choices = meta.get("choices")

@@ -26,11 +26,11 @@ FINETUNE = {**TINY, "recipe": "finetune", "stages": "2,all", "finetune_epochs": 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """One small staged fine-tune of EfficientNet-Lite0 (packaged ImageNet weights, offline) at
-    64 px, with the threshold chosen under TTA: pretrained features respond smoothly to the
-    mild TTA views, as a trained model's do (a random network's need not)."""
+    64 px, with the threshold chosen under TTA (the recipe's default): pretrained features respond
+    smoothly to the mild TTA views, as a trained model's do (a random network's need not)."""
     base = tmp_path_factory.mktemp("finetuned")
     data = make_folder(base / "data", per_class=16)
-    result = xferlearn.train(data=str(data), out=str(base / "run"), cache_dir=str(base / "cache"), tta=True,
+    result = xferlearn.train(data=str(data), out=str(base / "run"), cache_dir=str(base / "cache"),
                              **{**FINETUNE, "backbone": "efficientnet_lite0", "weights": "default"})
     return result
 
@@ -266,8 +266,10 @@ def test_config_rejects_bad_finetune_options(options, message):
         TrainConfig(data="x", recipe="finetune", **options)
 
 
-def test_recipe_picks_its_augmentation_and_cli_reports_bad_stages(tmp_path, capsys):
+def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_path, capsys):
     assert TrainConfig(data="x").augment == "article"
+    assert TrainConfig(data="x").tta is False and TrainConfig(data="x", recipe="finetune").tta is True
+    assert TrainConfig(data="x", recipe="finetune", tta=False).tta is False
     assert TrainConfig(data="x", recipe="finetune").augment == "xray"
     assert TrainConfig(data="x", recipe="finetune", augment="none").augment == "none"
     assert TrainConfig(data="x", stages="4, 9, all").stage_depths() == [4, 9, None]
