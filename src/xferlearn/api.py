@@ -79,7 +79,7 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     images. Options as evaluation.stress.stress's (shifts, severities, limit, batch_size...)."""
     from .evaluation.stress import stress as run_stress
 
-    if engine != "torch":
+    if engine != "torch" and options.get("predictor") is None:  # a loaded Model stresses itself
         from .deploy.predict import load_engine
 
         options["predictor"] = load_engine(run, engine)

@@ -79,6 +79,17 @@ def test_stress_binary_writes_files_and_severity_zero_is_the_clean_evaluation(ti
     assert "Mean error" in text and "| blur | 5 |" in text and "never re-tuned" in text
 
 
+def test_a_loaded_model_stresses_itself_with_its_own_options(tiny_run, tiny_data, tmp_path):
+    """Model.stress uses the model as loaded (here with TTA, which the checkpoint did not choose),
+    not a fresh engine from the run folder."""
+    with pytest.warns(UserWarning, match="moves the operating point"):
+        model = xferlearn.load(tiny_run, tta=True)
+    record = model.stress(tiny_data, tmp_path / "s", shifts=["blur"], severities=[1], progress=False)
+    assert record["tta"] is True and record["engine"] == "Model"
+    assert xferlearn.stress(tiny_run, tiny_data, tmp_path / "t", shifts=["blur"], severities=[1],
+                            progress=False)["tta"] is False
+
+
 def test_strong_blur_moves_a_model_that_uses_sharpness(tiny_run, tiny_data, tmp_path):
     model = SharpnessModel(load_checkpoint(tiny_run))
     record = stress(tiny_run, tiny_data, tmp_path / "s", shifts=["blur", "gamma"], severities=[1, 5],

@@ -45,9 +45,9 @@ def test_finetune_learns_and_records_its_stages(finetuned):
     stages = metrics["selection"]["stages"]
     assert [s["stage"] for s in stages] == ["head", "stage1", "stage2"]
     assert all(s["val_auc"] is not None and s["val_auc"] >= 0.9 for s in stages)  # each stage kept learning
-    best = max(stages, key=lambda s: s["val_auc"])["val_auc"]
     chosen = metrics["selection"]["chosen_stage"]
-    assert next(s for s in stages if s["stage"] == chosen)["val_auc"] == best  # the best stage is the one kept
+    counts = list(metrics["n_per_class"].values())  # the validation split's classes
+    assert chosen == stages[ft.choose_stage(stages, counts)]["stage"]  # the rule below, on this run's records
     ckpt = load_checkpoint(finetuned.run_dir)
     assert ckpt.config["recipe"] == "finetune" and ckpt.config["augment"] == "xray"
     assert ckpt.tta and "test-time-augmentation" in ckpt.threshold_source
@@ -264,6 +264,16 @@ def test_predict_cli_applies_prevalence(tiny_run, tiny_data, capsys):
 def test_config_rejects_bad_finetune_options(options, message):
     with pytest.raises(XferlearnError, match=message):
         TrainConfig(data="x", recipe="finetune", **options)
+
+
+def test_the_deepest_stage_is_kept_unless_an_earlier_one_is_better_beyond_noise():
+    records = lambda *aucs: [{"val_auc": auc} for auc in aucs]
+    # Saturated: a shallower stage ahead by 0.0004 on 268 + 770 images is noise (SE about 0.002).
+    assert ft.choose_stage(records(0.9943, 0.9977, 0.9973), [268, 770]) == 2
+    assert ft.choose_stage(records(0.90, 0.99, 0.95), [268, 770]) == 1  # a real drop: the earlier stage
+    assert ft.choose_stage(records(0.95, None), [10, 10]) == 0  # a stage without a score is never kept
+    assert ft.auc_standard_error(0.9977, 268, 770) == pytest.approx(0.0021, abs=1e-4)
+    assert ft.auc_standard_error(0.9, 100, 100) > ft.auc_standard_error(0.9, 1000, 1000)
 
 
 def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_path, capsys):
