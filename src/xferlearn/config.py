@@ -49,8 +49,9 @@ DEFAULT_BACKBONE = {"linear": "efficientnet_lite0+efficientnet_lite1+efficientne
 # Test-time augmentation unless --tta/--no-tta says otherwise: the fine-tune's threshold is chosen
 # on, and it predicts with, the mean over 5 views. On the sharpness-conflict split it ranked the
 # held-out images better (AUC +0.0054, paired 95% CI +0.0018 to +0.0089; benchmarks/RESULTS.md,
-# session 7) for 5x the prediction work, which the fine-tune's users have chosen accuracy over;
-# the linear recipe's default, an ensemble already, stays at one view.
+# session 7) for 5x the prediction work, which the fine-tune's users have chosen accuracy over
+# (the synthetic stress test, on 50 images, read it worse, under zoom most); the linear
+# recipe's default, an ensemble already, stays at one view.
 DEFAULT_TTA = {"linear": False, "finetune": True}
 
 
