@@ -3,6 +3,7 @@
     python3 benchmarks/compare_runs.py RUN_A RUN_B DATA [--boot 2000] [--engine auto]
     python3 benchmarks/compare_runs.py RUN_A+RUN_B+RUN_C RUN_A DATA     # an ensemble against a member
     python3 benchmarks/compare_runs.py RUN_A RUN_B DATA --data-a COPY    # A on a preprocessed copy of DATA
+    python3 benchmarks/compare_runs.py RUN RUN DATA --engine torch --tta-a on --tta-b off   # what TTA buys a run
 
 Both runs predict every image of DATA (a folder of class folders: a grouped or shifted
 held-out split such as benchmarks/shift_split.py's val/, never a test set one then tunes on).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +36,14 @@ from xferlearn.evaluation.thresholds import choose_threshold
 from xferlearn.models.checkpoint import load_checkpoint
 
 
-def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, int]:
-    """(probabilities (N, C), classes, threshold, positive index) of `run` on `paths`."""
-    rows = xferlearn.predict(run, paths, engine=engine)
+def predictions(run: Path, paths: list[str], engine: str, tta: bool | None = None
+                ) -> tuple[np.ndarray, list[str], float, int]:
+    """(probabilities (N, C), classes, threshold, positive index) of `run` on `paths`; `tta`: None
+    follows the checkpoint (PyTorch only otherwise)."""
+    options = {} if tta is None else {"tta": tta}
+    with warnings.catch_warnings():  # TTA against the checkpoint's choice: AUC is what is compared
+        warnings.simplefilter("ignore", UserWarning)
+        rows = xferlearn.predict(run, paths, engine=engine, **options)
     bad = [row["file"] for row in rows if row["error"]]
     if bad:
         sys.exit(f"compare_runs: {run} could not read {len(bad)} images, e.g. {bad[0]}")
@@ -45,11 +52,12 @@ def predictions(run: Path, paths: list[str], engine: str) -> tuple[np.ndarray, l
     return probs, classes, rows[0]["threshold"], load_checkpoint(run).positive_index
 
 
-def scored(spec: str, paths: list[str], engine: str) -> tuple[np.ndarray, list[str], float, int]:
+def scored(spec: str, paths: list[str], engine: str, tta: bool | None = None
+           ) -> tuple[np.ndarray, list[str], float, int]:
     """`predictions` of one run, or of the ensemble `A+B+...` (see the module's docstring)."""
     runs = [Path(part) for part in spec.split("+")]
     if len(runs) == 1:
-        return predictions(runs[0], paths, engine)
+        return predictions(runs[0], paths, engine, tta)
     members = [predictions(run, paths, engine) for run in runs]
     validation = [validation_probabilities(run) for run in runs]
     classes, positive = members[0][1], members[0][3]
@@ -70,15 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="auto", help="prediction engine for both runs (default: auto)")
     parser.add_argument("--data-a", type=Path, help="run A predicts the same files from this folder instead: "
                         "a preprocessed copy of DATA (benchmarks/preprocessed_copy.py), paired by file name")
+    for side in ("a", "b"):
+        parser.add_argument(f"--tta-{side}", choices=("on", "off"), help=f"run {side.upper()} with or without "
+                            "test-time augmentation, whatever it was trained with (needs --engine torch); the "
+                            "threshold stays the run's, so compare AUC")
     args = parser.parse_args(argv)
+    tta = {side: None if value is None else value == "on" for side, value in (("a", args.tta_a), ("b", args.tta_b))}
 
     class_names = sorted(d.name for d in args.data.iterdir() if d.is_dir() and not d.name.startswith("."))
     listed = [(str(p), name) for name in class_names for p in expand_paths([args.data / name])]
     paths, truth = [p for p, _ in listed], [name for _, name in listed]
     figures, positives = [], []
     paths_a = [str(args.data_a / Path(p).relative_to(args.data)) for p in paths] if args.data_a else paths
-    for run, run_paths in ((args.run_a, paths_a), (args.run_b, paths)):
-        probs, classes, threshold, positive = scored(run, run_paths, args.engine)
+    for run, run_paths, side in ((args.run_a, paths_a, "a"), (args.run_b, paths, "b")):
+        probs, classes, threshold, positive = scored(run, run_paths, args.engine, tta[side])
         if len(classes) != 2 or sorted(classes) != class_names:
             sys.exit(f"compare_runs: {run} has classes {classes}; DATA has {class_names} (two-class runs only)")
         y = np.array([classes.index(name) for name in truth])

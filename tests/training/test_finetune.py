@@ -18,6 +18,7 @@ from xferlearn.cli import main
 from xferlearn.config import TrainConfig
 from xferlearn.errors import XferlearnError
 from xferlearn.models.predictor import prior_shift_threshold
+from xferlearn.evaluation.metrics import auc_standard_error
 
 FINETUNE = {**TINY, "recipe": "finetune", "stages": "2,all", "finetune_epochs": 2, "finetune_batch_size": 8,
             "lr_backbone": 1e-3}
@@ -272,8 +273,8 @@ def test_the_deepest_stage_is_kept_unless_an_earlier_one_is_better_beyond_noise(
     assert ft.choose_stage(records(0.9943, 0.9977, 0.9973), [268, 770]) == 2
     assert ft.choose_stage(records(0.90, 0.99, 0.95), [268, 770]) == 1  # a real drop: the earlier stage
     assert ft.choose_stage(records(0.95, None), [10, 10]) == 0  # a stage without a score is never kept
-    assert ft.auc_standard_error(0.9977, 268, 770) == pytest.approx(0.0021, abs=1e-4)
-    assert ft.auc_standard_error(0.9, 100, 100) > ft.auc_standard_error(0.9, 1000, 1000)
+    assert auc_standard_error(0.9977, 268, 770) == pytest.approx(0.0021, abs=1e-4)
+    assert auc_standard_error(0.9, 100, 100) > auc_standard_error(0.9, 1000, 1000)
 
 
 def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_path, capsys):

@@ -140,6 +140,14 @@ def _rates_from_confusion(matrix: np.ndarray, k: int) -> dict:
     }
 
 
+def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """The standard error of an AUC from n_pos positives and n_neg negatives (Hanley & McNeil, 1982):
+    for comparing AUCs whose predictions are gone (e.g. fine-tune stages' records)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)
+    return float(np.sqrt(max(variance, 0.0) / max(n_pos * n_neg, 1)))
+
+
 def bootstrap_intervals(y_true, probs, classes, threshold, n_boot: int = 1000, seed: int = 0,
                         level: float = 0.95, positive: int | None = None) -> dict:
     """Percentile-bootstrap intervals for accuracy, AUC, sensitivity and specificity.

@@ -54,6 +54,7 @@ from ..data.augment import to_tensor, train_transform
 from ..data.contrast import equalize_tensor
 from ..data.folders import ImageDataset, Manifest
 from ..data.images import DecodeCache
+from ..evaluation.metrics import auc_standard_error
 from ..models.features import default_workers, image_loader
 from ..models.inference import normalize, resolve_precision
 from .distributed import barrier, device, is_rank_zero, per_process_batch, trainer_options
@@ -212,13 +213,6 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
                   + f"; chosen: {records[chosen]['stage']}.")
     return {"best_epoch_val_auc": records[chosen]["val_auc"], "chosen_stage": records[chosen]["stage"],
             "stages": records, "bn_policy": config.bn_policy, "ema": config.ema}
-
-
-def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
-    """The standard error of an AUC from n_pos positives and n_neg negatives (Hanley & McNeil, 1982)."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    variance = auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)
-    return float(np.sqrt(max(variance, 0.0) / max(n_pos * n_neg, 1)))
 
 
 def choose_stage(records: list[dict], class_counts) -> int:
