@@ -4,6 +4,7 @@
     python3 benchmarks/compare_runs.py RUN_A+RUN_B+RUN_C RUN_A DATA     # an ensemble against a member
     python3 benchmarks/compare_runs.py RUN_A RUN_B DATA --data-a COPY    # A on a preprocessed copy of DATA
     python3 benchmarks/compare_runs.py RUN RUN DATA --engine torch --tta-a on --tta-b off   # what TTA buys a run
+    python3 benchmarks/compare_runs.py RUN@stage2 RUN@stage1 DATA   # two saved stages of one fine-tune
 
 Both runs predict every image of DATA (a folder of class folders: a grouped or shifted
 held-out split such as benchmarks/shift_split.py's val/, never a test set one then tunes on).
@@ -14,7 +15,11 @@ whose difference interval spans zero are not told apart by DATA, however their p
 figures compare. A run written `A+B[+C...]` is the ensemble of those runs: the mean of their
 probabilities, its threshold chosen by Youden's J on the mean of their validation
 probabilities (validation_predictions.csv; the members must share one validation split, as
-runs on the same data with the same seed do), as benchmarks/ensemble.py does.
+runs on the same data with the same seed do), as benchmarks/ensemble.py does. A run written
+`RUN@STAGE` is the fine-tune's saved stage RUN/stages/STAGE.pt (head, stage1, ...) in the run's
+network, through ONNX Runtime (PyTorch where it cannot), with TTA as the run has it unless
+--tta-a/--tta-b say otherwise, at the run's threshold (chosen for the stage the run kept, so
+compare AUC).
 """
 
 from __future__ import annotations
@@ -34,16 +39,33 @@ from xferlearn.data.folders import expand_paths
 from xferlearn.evaluation.metrics import bootstrap_intervals, compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold
 from xferlearn.models.checkpoint import load_checkpoint
+from xferlearn.models.predictor import Predictor
+from xferlearn.rundir import RunDir
+from xferlearn.training.finetune import load_stage
+
+
+def stage_predictor(run: str, stage: str, tta: bool | None) -> Predictor:
+    """The run's network holding the weights of its saved stage `stage`."""
+    checkpoint = load_checkpoint(run)
+    model = checkpoint.build_model()
+    path = RunDir(run).stage(stage)
+    if not path.is_file():
+        sys.exit(f"compare_runs: {run} has no saved stage {stage!r} ({path} is missing)")
+    load_stage(path, model)
+    checkpoint.state_dict = model.state_dict()
+    return Predictor(checkpoint, tta=tta, engine="onnx")
 
 
 def predictions(run: Path, paths: list[str], engine: str, tta: bool | None = None
                 ) -> tuple[np.ndarray, list[str], float, int]:
-    """(probabilities (N, C), classes, threshold, positive index) of `run` on `paths`; `tta`: None
-    follows the checkpoint (PyTorch only otherwise)."""
+    """(probabilities (N, C), classes, threshold, positive index) of `run` (or `RUN@STAGE`) on
+    `paths`; `tta`: None follows the checkpoint (PyTorch only otherwise, or a stage)."""
     options = {} if tta is None else {"tta": tta}
+    run, _, stage = str(run).partition("@")
     with warnings.catch_warnings():  # TTA against the checkpoint's choice: AUC is what is compared
         warnings.simplefilter("ignore", UserWarning)
-        rows = xferlearn.predict(run, paths, engine=engine, **options)
+        rows = (stage_predictor(run, stage, tta).predict(paths) if stage
+                else xferlearn.predict(run, paths, engine=engine, **options))
     bad = [row["file"] for row in rows if row["error"]]
     if bad:
         sys.exit(f"compare_runs: {run} could not read {len(bad)} images, e.g. {bad[0]}")
@@ -71,7 +93,8 @@ def scored(spec: str, paths: list[str], engine: str, tta: bool | None = None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_a", help="a run folder, or A+B+... for the ensemble of those runs")
+    parser.add_argument("run_a", help="a run folder, A+B+... for the ensemble of those runs, or RUN@STAGE for a "
+                        "fine-tune's saved stage (head, stage1, stage2, ...)")
     parser.add_argument("run_b", help="the same")
     parser.add_argument("data", type=Path, help="a labelled folder of class folders neither run was tuned on")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")

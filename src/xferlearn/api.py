@@ -131,7 +131,7 @@ def demo(out: str | Path = "xferlearn-demo", *, force: bool = False, **options):
 def calibrate(run: str | Path, site_data: str | Path, out: str | Path, **options) -> dict:
     """Re-choose `run`'s temperature and threshold (and with prior=True, its class prior) on a
     labelled sample from a new site; write the result as the new run `out`. Options as
-    `training.site.calibrate_site` (prior, threshold, target_sensitivity, n_boot)."""
+    `training.site.calibrate_site` (prior, threshold, target_sensitivity, n_boot, always_move)."""
     from .training.site import calibrate_site
 
     return calibrate_site(run, site_data, out, **options)

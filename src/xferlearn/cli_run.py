@@ -146,6 +146,9 @@ def add_calibrate(commands) -> None:
                              "(default: the run's own rule)")
     parser.add_argument("--target-sensitivity", type=float,
                         help="with --threshold target_sensitivity: the sensitivity to reach, e.g. 0.95")
+    parser.add_argument("--always-move", action=argparse.BooleanOptionalAction, default=False,
+                        help="re-choose the threshold even when the run's own lies inside the 95%% interval of the "
+                             "sample's (by default it is then kept: the sample does not show a move) (default: off)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the threshold's 95%% interval (default: 1000)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
@@ -159,11 +162,12 @@ def run_calibrate(args) -> int:
         raise XferlearnError(f"--bootstrap must be at least 1, not {args.bootstrap}.")
     record = calibrate_site(args.run, args.site_data, args.out, prior=args.prior, threshold=args.threshold,
                             target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, always_move=args.always_move)
     after, before, sample = record["after"], record["before"], record["on_sample_after"]
     print(f"calibrated on {sum(record['counts'].values())} images {record['counts']} from {record['site_data']}")
+    print(record["decision"])
     print(f"temperature {before['temperature']:.3f} -> {after['temperature']:.3f}")
-    if after["threshold"] is not None:
+    if after["threshold"] is not None and record["unmoved_interval"] is None:
         low, high = after["operating_point"]["interval"]
         old = record["on_sample_before"]
         print(f"threshold {before['threshold']:.4f} -> {after['threshold']:.4f} "

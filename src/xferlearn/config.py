@@ -122,9 +122,9 @@ class TrainConfig:
     precision: str = _option("auto", "auto: bf16 where the hardware computes it natively", PRECISIONS)
     compile: str = _option("auto", "torch.compile the frozen backbone; auto: when enough images repay it",
                            COMPILE_MODES)
-    feature_engine: str = _option("auto", "what runs the frozen backbone over the images; auto: ONNX Runtime (fp32) "
-                                  "on a CPU unless --precision bf16 (2.6x PyTorch's compiled fp32 on 2 AVX2 "
-                                  "cores), PyTorch on a GPU", FEATURE_ENGINES)
+    feature_engine: str = _option("auto", "what runs the frozen backbone over the images, and the fine-tune's "
+                                  "validation passes; auto: ONNX Runtime (fp32) on a CPU unless --precision bf16 "
+                                  "(2.6x PyTorch's compiled fp32 on 2 AVX2 cores), PyTorch on a GPU", FEATURE_ENGINES)
     seed: int = _option(0, "random seed of splits, augmentation and training")
     workers: int | None = _option(None, "DataLoader worker processes (default: from the core count)")
     batch_size_features: int = _option(32, "images per frozen-backbone call (32 ran 1.2-1.35x faster than 64 "

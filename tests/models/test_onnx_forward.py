@@ -82,3 +82,19 @@ def test_each_engine_keeps_its_own_features_and_pytorchs_key_is_unchanged():
     torch_key = feature_key("resnet18", "none", PRE, "fp32")
     assert feature_key("resnet18", "none", PRE, "fp32", "torch") == torch_key
     assert feature_key("resnet18", "none", PRE, "fp32", "onnx") != torch_key
+
+
+def test_a_predictor_on_onnx_runtime_gives_pytorchs_probabilities(tiny_run, pixels):
+    """The fine-tune scores its validation views this way: the same TTA probabilities, faster."""
+    from xferlearn.models.checkpoint import load_checkpoint
+    from xferlearn.models.predictor import Predictor
+
+    checkpoint = load_checkpoint(tiny_run)
+    size = checkpoint.preprocessing.input_size
+    batch = torch.nn.functional.interpolate(pixels.float(), size=(size, size)).round().to(torch.uint8)
+    with pytest.warns(UserWarning, match="moves the operating point"):  # the tiny run was trained without TTA
+        onnx = Predictor(checkpoint, engine="onnx", tta=True)
+        torch_ = Predictor(checkpoint, engine="torch", tta=True)
+    assert isinstance(onnx.fast, OnnxForward)
+    np.testing.assert_allclose(onnx.view_logits(batch).numpy(), torch_.view_logits(batch).numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx.probabilities(batch), torch_.probabilities(batch), atol=1e-5)

@@ -18,7 +18,7 @@ from xferlearn.cli import main
 from xferlearn.config import TrainConfig
 from xferlearn.errors import XferlearnError
 from xferlearn.models.predictor import prior_shift_threshold
-from xferlearn.evaluation.metrics import auc_standard_error
+from xferlearn.evaluation.metrics import auc_standard_error, compute_metrics
 
 FINETUNE = {**TINY, "recipe": "finetune", "stages": "2,all", "finetune_epochs": 2, "finetune_batch_size": 8,
             "lr_backbone": 1e-3}
@@ -113,6 +113,40 @@ def test_bn_policy_through_lightning(update_bn, tmp_path):
     after = model.state_dict()
     assert torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])  # a frozen layer
     assert torch.equal(before["layer4.1.bn2.running_mean"], after["layer4.1.bn2.running_mean"]) != update_bn
+
+
+@pytest.mark.parametrize("engine", ["onnx", "torch"])
+def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(engine, tmp_path):
+    """The fine-tune validates every epoch through ONNX Runtime on a CPU (`--feature-engine auto`):
+    the same AUC as PyTorch's, from that epoch's weights (a fresh export each epoch)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=2).eval()
+    ft.unfreeze(model, 2)
+    config = TrainConfig(data="x", recipe="finetune", finetune_epochs=2, feature_engine=engine)
+    module = ft.FinetuneModule(model, ["NORMAL", "PNEUMONIA"], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear"),
+                               config, update_bn=False)
+    seen = []
+    original = ft.OnnxForward
+
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(16) % 2), batch_size=8)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ft, "OnnxForward", recording)
+        trainer.fit(module, data, data)
+    assert len(seen) == (2 if engine == "onnx" else 0)  # one export per epoch, none on PyTorch
+    module.eval()
+    with torch.no_grad():
+        expected = module(images).softmax(1)[:, 1]
+    auc = compute_metrics(np.arange(16) % 2, torch.stack([1 - expected, expected], 1).numpy(),
+                          ["NORMAL", "PNEUMONIA"], 0.5, "test")["auc"]
+    assert trainer.callback_metrics["val_auc"].item() == pytest.approx(auc, abs=1e-6)  # the last epoch's weights
 
 
 def test_unfreeze_grows_with_depth():

@@ -28,7 +28,7 @@ def site(tmp_path_factory):
 
 def test_calibrate_writes_a_new_run_that_every_command_uses(tiny_run, site, tmp_path):
     before = load_checkpoint(tiny_run)
-    record = xferlearn.calibrate(tiny_run, site, tmp_path / "cal", n_boot=200)
+    record = xferlearn.calibrate(tiny_run, site, tmp_path / "cal", n_boot=200, always_move=True)
     after = load_checkpoint(tmp_path / "cal")
     point = after.operating_point
     assert point.when == "calibrate" and point.n == 64 and str(site) in point.data
@@ -42,6 +42,27 @@ def test_calibrate_writes_a_new_run_that_every_command_uses(tiny_run, site, tmp_
     assert rows[0]["threshold"] == point.value
     metrics = xferlearn.evaluate(tmp_path / "cal", site, tmp_path / "report", n_boot=20, gallery=False)
     assert "site sample" in metrics["threshold_source"] and metrics["threshold"] == point.value
+
+
+def test_a_sample_that_does_not_show_a_move_keeps_the_runs_operating_point(tiny_run, site, tmp_path, monkeypatch):
+    import xferlearn.training.site as site_module
+
+    before = load_checkpoint(tiny_run)
+    monkeypatch.setattr(site_module, "threshold_interval", lambda *args, **kwargs: (0.0, 1.0))  # any threshold fits
+    record = xferlearn.calibrate(tiny_run, site, tmp_path / "kept", n_boot=20)
+    kept = load_checkpoint(tmp_path / "kept")
+    assert kept.operating_point == before.operating_point and kept.temperature == before.temperature
+    assert record["decision"].startswith("kept the run's threshold") and record["unmoved_interval"] == (0.0, 1.0)
+    assert kept.metrics["site_calibration"]["decision"] == record["decision"]
+    report = (tmp_path / "report").joinpath
+    xferlearn.evaluate(tmp_path / "kept", site, tmp_path / "report", n_boot=20, gallery=False)
+    assert "Site calibration on 64 images" in report("report.md").read_text()  # every report says where it came from
+
+    monkeypatch.setattr(site_module, "threshold_interval", lambda *args, **kwargs: (1.0, 1.0))  # excludes it
+    record = xferlearn.calibrate(tiny_run, site, tmp_path / "moved", n_boot=20)
+    moved = load_checkpoint(tmp_path / "moved")
+    assert moved.operating_point.when == "calibrate" and record["unmoved_interval"] is None
+    assert "excludes the run's" in record["decision"]
 
 
 def test_prior_is_folded_into_the_bias(tiny_run, site, tmp_path):
@@ -62,8 +83,9 @@ def test_too_small_a_sample_is_refused(tiny_run, tiny_data, tmp_path):
 
 
 def test_cli_prints_the_interval_and_refuses_to_overwrite(tiny_run, site, tmp_path, capsys):
-    assert main(["calibrate", str(tiny_run), str(site), "--out", str(tmp_path / "cal"), "--bootstrap", "50"]) == 0
+    assert main(["calibrate", str(tiny_run), str(site), "--out", str(tmp_path / "cal"), "--bootstrap", "50",
+                 "--always-move"]) == 0
     out = capsys.readouterr().out
-    assert "bootstrap 95% interval" in out and "specificity" in out
+    assert "re-chosen on the sample" in out and "bootstrap 95% interval" in out and "specificity" in out
     assert main(["calibrate", str(tiny_run), str(site), "--out", str(tmp_path / "cal")]) == 2
     assert "already holds a model" in capsys.readouterr().err

@@ -70,14 +70,14 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     started = time.perf_counter()
     total = len(paths) * (1 + len(shifts) * len(severities))
     with _progress(progress, total) as advance:
-        images = _decode_all(paths, digests, cache)
-        clean = _probabilities(predictor, images, digests, "clean", 0, batch_size, advance)
+        images = decode_all(paths, digests, cache)
+        clean = shifted_probabilities(predictor, images, digests, "clean", 0, batch_size, advance)
         threshold, rule = predictor.threshold, checkpoint.threshold_source
         base = compute_metrics(labels, clean, checkpoint.classes, threshold, rule)
         rows = []
         for shift in shifts:
             for severity in severities:
-                probs = _probabilities(predictor, images, digests, shift, severity, batch_size, advance)
+                probs = shifted_probabilities(predictor, images, digests, shift, severity, batch_size, advance)
                 rows.append(_row(shift, severity, compute_metrics(labels, probs, checkpoint.classes, threshold, rule),
                                  base))
     record = {
@@ -131,7 +131,7 @@ def _limit(paths, digests, labels, limit, n_classes, seed):
     return [paths[i] for i in keep], [digests[i] for i in keep], labels[keep]
 
 
-def _decode_all(paths, digests, cache: DecodeCache) -> torch.Tensor:
+def decode_all(paths, digests, cache: DecodeCache) -> torch.Tensor:
     """(N, 3, S, S) uint8: every image decoded once, through the cache."""
     arrays = []
     for path, digest in zip(paths, digests):
@@ -143,7 +143,9 @@ def _decode_all(paths, digests, cache: DecodeCache) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _probabilities(predictor, images, digests, shift, severity, batch_size, advance) -> np.ndarray:
+def shifted_probabilities(predictor, images, digests, shift, severity, batch_size=32,
+                          advance=lambda n, what: None) -> np.ndarray:
+    """(N, C) probabilities of `predictor` on `images` (decode_all's) under `shift` at `severity`."""
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = corrupt_batch(images[start:start + batch_size], digests[start:start + batch_size], shift, severity)

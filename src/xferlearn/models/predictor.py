@@ -34,11 +34,14 @@ class Predictor(BasePredictor):
     """A trained classifier ready to use, computing with PyTorch; build it with `load(run_dir)`.
 
     `tta`: None follows the checkpoint; `prevalence`: the share of the positive class where the
-    model will be used (two classes only), None to keep the probabilities as trained."""
+    model will be used (two classes only), None to keep the probabilities as trained.
+    `engine` "onnx" runs the batches through an in-memory ONNX Runtime graph of the network
+    (onnx_forward.py, checked against PyTorch; PyTorch again, with a warning, where it cannot),
+    for a training process scoring its own fresh network without writing an export."""
 
     def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str = "fp32",
                  tta: bool | None = None, prevalence: float | None = None, compile: str | bool = "off",
-                 n_images: int | None = None, batch_size: int = 32):
+                 n_images: int | None = None, batch_size: int = 32, engine: str = "torch"):
         super().__init__(checkpoint.classes, checkpoint.threshold, checkpoint.positive_index,
                          checkpoint.temperature, checkpoint.preprocessing)
         self.checkpoint = checkpoint
@@ -47,14 +50,26 @@ class Predictor(BasePredictor):
         self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)
         # Batches go through the fast path (bf16 weights, compiled where asked); `model` stays the
         # plain fp32 network that Grad-CAM and export work on.
-        self.fast = FastForward(self.model, self.precision, self.device, compile, n_images, batch_size,
-                                normalize=(self.preprocessing.mean, self.preprocessing.std))
+        self.fast = self._onnx_forward(batch_size) if engine == "onnx" else None
+        if self.fast is None:
+            self.fast = FastForward(self.model, self.precision, self.device, compile, n_images, batch_size,
+                                    normalize=(self.preprocessing.mean, self.preprocessing.std))
         self.tta = checkpoint.tta if tta is None else bool(tta)
         if self.tta != checkpoint.tta and checkpoint.threshold is not None:
             warnings.warn(f"the threshold {checkpoint.threshold:.4g} was chosen on validation "
                           f"{'with' if checkpoint.tta else 'without'} test-time augmentation; predicting "
                           f"{'with' if self.tta else 'without'} it moves the operating point", stacklevel=2)
         self.prevalence = None if prevalence is None else self._set_prevalence(float(prevalence))
+
+    def _onnx_forward(self, batch_size: int):
+        from .onnx_forward import OnnxForward, OnnxUnavailable
+
+        pre = self.preprocessing
+        try:  # torch's thread count: what this process was given (one share of the cores per process)
+            return OnnxForward(self.model, pre.mean, pre.std, pre.input_size, torch.get_num_threads(), batch_size)
+        except OnnxUnavailable as reason:
+            warnings.warn(f"predicting with PyTorch instead of ONNX Runtime: {reason}", stacklevel=3)
+            return None
 
     def _set_prevalence(self, prevalence: float) -> float:
         if self.positive_index is None:
@@ -104,6 +119,10 @@ class Predictor(BasePredictor):
         """One paragraph for reports: the threshold's source, TTA, and any prevalence correction."""
         checkpoint = self.checkpoint
         lines = [f"Threshold source: {checkpoint.threshold_source}."]
+        site = checkpoint.metrics.get("site_calibration") if isinstance(checkpoint.metrics, dict) else None
+        if site and site.get("decision"):
+            lines.append(f"Site calibration on {sum(site['counts'].values())} images of {site['site_data']}: "
+                         f"{site['decision']}.")
         lines.append(f"Test-time augmentation: {'on' if self.tta else 'off'}"
                      + (f" (mean of the probabilities over {len(TTA_VIEWS)} views: the clean image, zoom in and "
                         "out 6%, and shifts of 3% along the diagonal)" if self.tta else "")
