@@ -129,8 +129,10 @@ def add_calibrate(commands) -> None:
     parser = commands.add_parser(
         "calibrate", help="re-choose a run's threshold and temperature on a labelled sample from a new site",
         description="Re-fit the temperature and re-choose the decision threshold of RUN on SITE_DATA (a folder of "
-                    "class folders, at least 20 images a class), without training the network; write the result "
-                    "as a new run folder --out that predict, evaluate, export and serve use as is. Judge it with "
+                    "class folders, at least 20 images a class), without training the network, where the sample "
+                    "shows that the operating point moved (the run's threshold outside the 95% interval of the "
+                    "sample's; otherwise the run's is kept and the output says so); write the result as a new run "
+                    "folder --out that predict, evaluate, export and serve use as is. Judge it with "
                     "`xferlearn evaluate` on OTHER images of the site: the figures printed here are on the "
                     "sample the threshold was chosen on.",
         epilog="example: xferlearn calibrate runs/cxr site_b_sample/ --out runs/cxr-site-b\n"
