@@ -41,6 +41,8 @@ from sklearn.metrics import roc_auc_score
 
 from xferlearn.data.folders import scan
 from xferlearn.data.images import DecodeCache
+from xferlearn.errors import XferlearnError
+from xferlearn.evaluation.corruptions import check_choices
 from xferlearn.evaluation.evaluate import evaluation_root
 from xferlearn.evaluation.stress import decode_all, shifted_probabilities
 from xferlearn.evaluation.thresholds import choose_threshold
@@ -49,6 +51,18 @@ from xferlearn.models.predictor import Predictor
 from xferlearn.training.site import MIN_PER_CLASS, threshold_interval
 
 RULES = ("keep", "site", "gated")
+
+
+def parse_site(site: str) -> tuple[str, int]:
+    """'clean' -> ('clean', 0); 'noise:2' -> ('noise', 2), checked before any image is scored."""
+    if site == "clean":
+        return "clean", 0
+    shift, _, severity = site.partition(":")
+    try:
+        check_choices([shift], [int(severity)] if severity.isdigit() else [])
+    except XferlearnError as error:
+        sys.exit(f"site_rules: --site {site!r} is not clean or SHIFT:SEVERITY: {error}")
+    return shift, int(severity)
 
 
 def site_scores(run: Path, pool: Path, sites: list[str], saved: Path | None
@@ -69,8 +83,7 @@ def site_scores(run: Path, pool: Path, sites: list[str], saved: Path | None
     predictor = Predictor(checkpoint, precision="fp32", engine="onnx")  # the fastest engine on a CPU
     scores = {}
     for site in sites:
-        shift, _, severity = site.partition(":")
-        probs = shifted_probabilities(predictor, images, manifest.digests, shift, int(severity or 0))
+        probs = shifted_probabilities(predictor, images, manifest.digests, *parse_site(site))
         scores[site] = probs[:, checkpoint.positive_index]
     y = (manifest.labels == checkpoint.positive_index).astype(int)
     if saved:
@@ -115,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores", type=Path, help="an .npz to keep the scores in, reused when it exists")
     args = parser.parse_args(argv)
     sites = args.site or ["clean"]
+    for site in sites:
+        parse_site(site)
 
     y, scores, trained = site_scores(args.run, args.pool, sites, args.scores)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")

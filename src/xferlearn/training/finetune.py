@@ -120,7 +120,7 @@ class FinetuneModule(ClassifierModule):
 
     def validation_step(self, batch, batch_idx):
         """On a CPU, each epoch's validation runs through ONNX Runtime (the epoch's weights exported
-        in memory, about 3 s for Lite0, checked against PyTorch): 4-5x PyTorch's speed on the 2
+        in memory, 2 to 5 s for Lite0, checked against PyTorch): 4-5x PyTorch's speed on the 2
         AVX2 cores measured (benchmarks/tta_engines.py), and every epoch scores the whole split."""
         if self._validation_engine is None:
             self._validation_engine = self._onnx_engine() or False
