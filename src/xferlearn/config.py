@@ -74,7 +74,7 @@ def _option(default, help: str, choices: tuple | None = None, metavar: str | Non
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata={"help": "a folder of class folders, or a root holding train/ [val/] [test/]"})
+    data: str = field(metadata={"help": "a folder of class folders, or a root holding train/ [val/ or valid/ or validation/] [test/]"})
     out: str = _option("runs/xferlearn", "the run folder to create", metavar="DIR")
     backbone: str | None = _option(None, "the pretrained network: a name from `xferlearn backbones`, or any "
                                    "timm model name; A+B[+C] is the ensemble of those networks, one model (linear "

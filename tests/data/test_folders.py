@@ -100,6 +100,18 @@ def test_kaggle_root_finds_val_and_checks_test(tmp_path):
         find_layout(root)
 
 
+def test_valid_and_validation_folders_are_validation_folders_too(tmp_path):
+    # TensorFlow's cats_and_dogs_filtered has train/ and validation/; Roboflow exports valid/.
+    root = tmp_path / "tf"
+    make_folder(root / "train")
+    make_folder(root / "validation", per_class=2)
+    assert find_layout(root).val_root == root / "validation"
+    make_folder(root / "valid", per_class=2)
+    with pytest.raises(XferlearnError, match="holds valid/ and validation/: name the validation folder with --val"):
+        find_layout(root)
+    assert find_layout(root, val=root / "valid").val_root == root / "valid"
+
+
 def test_empty_and_single_class_folders_are_refused(tmp_path, cache):
     (tmp_path / "empty").mkdir()
     with pytest.raises(XferlearnError, match="no class folders"):

@@ -40,12 +40,12 @@ def test_onnx_features_match_pytorch_at_any_batch_length(model, pixels):
 
 
 def test_a_network_onnx_cannot_take_falls_back_to_pytorch(model, pixels, monkeypatch, caplog):
-    import xferlearn.models.features as features
+    import xferlearn.models.onnx_forward as onnx_forward
 
     def refuse(*args, **kwargs):
         raise OnnxUnavailable("the ONNX export failed: unsupported operator")
 
-    monkeypatch.setattr(features, "OnnxForward", refuse)
+    monkeypatch.setattr(onnx_forward, "OnnxForward", refuse)
     extractor = FeatureExtractor(model, PRE, "fp32", "cpu", engine="onnx")
     assert extractor.engine == "torch" and "unsupported operator" in caplog.text
     np.testing.assert_array_equal(extractor(pixels), torch_features(model, pixels))

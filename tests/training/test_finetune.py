@@ -126,7 +126,9 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
     module = ft.FinetuneModule(model, ["NORMAL", "PNEUMONIA"], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear"),
                                config, update_bn=False)
     seen = []
-    original = ft.OnnxForward
+    import xferlearn.models.onnx_forward as onnx_forward
+
+    original = onnx_forward.OnnxForward
 
     def recording(*args, **kwargs):
         seen.append(original(*args, **kwargs))
@@ -138,7 +140,7 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         num_sanity_val_steps=0)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ft, "OnnxForward", recording)
+        patch.setattr(onnx_forward, "OnnxForward", recording)
         trainer.fit(module, data, data)
     assert len(seen) == (2 if engine == "onnx" else 0)  # one export per epoch, none on PyTorch
     module.eval()

@@ -96,16 +96,25 @@ class Layout:
     val_root: Path | None = None
 
 
+# What published datasets call their validation folder: PyTorch's tutorials and Kaggle val/,
+# Roboflow and many Kaggle sets valid/, TensorFlow's cats_and_dogs_filtered validation/.
+VALIDATION_FOLDERS = ("val", "valid", "validation")
+
+
 def find_layout(root: str | Path, val: str | Path | None = None) -> Layout:
     """A folder of class folders, or a root holding train/ [val/] [test/]; `val` names a
-    validation folder explicitly (else ROOT/val where ROOT holds train/). Whether that folder
-    is large enough to validate on is `use_validation_folder`'s call, made on its counts."""
+    validation folder explicitly (else ROOT's val/, valid/ or validation/ where ROOT holds train/).
+    Whether that folder is large enough to validate on is `use_validation_folder`'s call."""
     root = Path(root)
     if not root.exists():
         raise XferlearnError(f"{root} does not exist.")
     if (root / "train").is_dir():
         train_roots = [root / "train"]
-        val_root = root / "val" if (root / "val").is_dir() else None
+        found = [root / name for name in VALIDATION_FOLDERS if (root / name).is_dir()]
+        if len(found) > 1 and val is None:
+            raise XferlearnError(f"{root} holds {' and '.join(p.name + '/' for p in found)}: name the validation "
+                                 "folder with --val.")
+        val_root = found[0] if found else None
         test_root = root / "test" if (root / "test").is_dir() else None
     else:
         train_roots, val_root, test_root = [root], None, None

@@ -23,7 +23,7 @@ from ..data.folders import ImageDataset
 from ..data.images import DecodeCache
 from .feature_store import FeatureStore
 from .inference import FastForward
-from .onnx_forward import OnnxForward, OnnxUnavailable
+from .onnx_forward import onnx_or_none
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,12 @@ class FeatureExtractor:
                  engine: str = "torch", threads: int = 1):
         self.engine = engine
         if engine == "onnx":
-            try:
-                self.forward = OnnxForward(PooledFeatures(model), preprocessing.mean, preprocessing.std,
-                                           preprocessing.input_size, threads, batch_size)
+            self.forward = onnx_or_none(PooledFeatures(model), preprocessing.mean, preprocessing.std,
+                                        preprocessing.input_size, threads, batch_size, log.warning,
+                                        "features on PyTorch")
+            if self.forward is not None:
                 return
-            except OnnxUnavailable as reason:
-                log.warning("features on PyTorch instead of ONNX Runtime: %s", reason)
-                self.engine = "torch"
+            self.engine = "torch"
         self.forward = FastForward(PooledFeatures(model), precision, device, compile, n_images, batch_size,
                                    normalize=(preprocessing.mean, preprocessing.std))
 

@@ -98,3 +98,13 @@ class OnnxForward:
         """(N, 3, H, W) uint8 pixels -> the module's output, float32 on the CPU."""
         return torch.from_numpy(self._run(x.numpy()))
 
+
+def onnx_or_none(module: torch.nn.Module, mean, std, input_size: int, threads: int, batch_size: int,
+                 say, instead: str) -> OnnxForward | None:
+    """`OnnxForward` of `module`, or None after `say`ing "`instead` instead of ONNX Runtime: why"
+    where it cannot be had; every caller then keeps PyTorch."""
+    try:
+        return OnnxForward(module, mean, std, input_size, threads, batch_size)
+    except OnnxUnavailable as reason:
+        say(f"{instead} instead of ONNX Runtime: {reason}")
+        return None

@@ -62,14 +62,12 @@ class Predictor(BasePredictor):
         self.prevalence = None if prevalence is None else self._set_prevalence(float(prevalence))
 
     def _onnx_forward(self, batch_size: int):
-        from .onnx_forward import OnnxForward, OnnxUnavailable
+        from .onnx_forward import onnx_or_none
 
         pre = self.preprocessing
-        try:  # torch's thread count: what this process was given (one share of the cores per process)
-            return OnnxForward(self.model, pre.mean, pre.std, pre.input_size, torch.get_num_threads(), batch_size)
-        except OnnxUnavailable as reason:
-            warnings.warn(f"predicting with PyTorch instead of ONNX Runtime: {reason}", stacklevel=3)
-            return None
+        # torch's thread count: what this process was given (one share of the cores per process)
+        return onnx_or_none(self.model, pre.mean, pre.std, pre.input_size, torch.get_num_threads(), batch_size,
+                            lambda message: warnings.warn(message, stacklevel=5), "predicting with PyTorch")
 
     def _set_prevalence(self, prevalence: float) -> float:
         if self.positive_index is None:

@@ -60,7 +60,7 @@ from ..data.images import DecodeCache
 from ..evaluation.metrics import auc_standard_error
 from ..models.features import default_workers, image_loader
 from ..models.inference import normalize, resolve_precision
-from ..models.onnx_forward import OnnxForward, OnnxUnavailable, feature_engine
+from ..models.onnx_forward import OnnxForward, feature_engine, onnx_or_none
 from .distributed import barrier, device, is_rank_zero, per_process_batch, trainer_options
 from ..rundir import RunDir, read_history, write_history
 from .checkpoints import IDENTITY_KEY, load_resumable, stored_identity
@@ -138,12 +138,9 @@ class FinetuneModule(ClassifierModule):
         # Exported at the first batch, after every epoch-start hook (EMA swaps its weights in then).
         if feature_engine(self.config.feature_engine, self.device, self.config.precision) != "onnx":
             return None
-        try:
-            return OnnxForward(copy.deepcopy(self.net).float(), self.mean, self.std, self.input_size,
-                               torch.get_num_threads(), self.config.batch_size_features)
-        except OnnxUnavailable as reason:
-            console.print(f"Validation on PyTorch instead of ONNX Runtime: {reason}")
-            return None
+        return onnx_or_none(copy.deepcopy(self.net).float(), self.mean, self.std, self.input_size,
+                            torch.get_num_threads(), self.config.batch_size_features, console.print,
+                            "Validation on PyTorch")
 
     def on_train_epoch_start(self):
         self.train()
