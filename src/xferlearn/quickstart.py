@@ -105,7 +105,7 @@ def print_summary(run: RunDir, sample: Path, metrics: dict, explanation: Path, s
               f"({metrics['threshold_source']}).")
     out.print("  The test/ part is other patients from the same source as train/ (in-distribution): these "
               "figures show the job works end to end, not how the model would do on another hospital's images "
-              "(they cannot show shift). 200 images are far too few to judge a model by.")
+              f"(they cannot show shift). {metrics['n']} images are far too few to judge a model by.")
     out.print(f"Report: {run.root / 'report.md'}   Grad-CAM: {explanation}")
     out.print("\n[bold]Try next:[/]")
     out.print(f"  xferlearn predict {q(run.root)} {q(image)}        # classify images (CSV)")

@@ -30,3 +30,22 @@ def test_robust_views_both_blur_and_sharpen():
     transform = v2.Compose(train_transform("robust").transforms[1:2])  # the blur/sharpen choice alone
     values = [sharpness(augmented(array, transform, seed)) for seed in range(30)]
     assert min(values) < 0.8 * base and max(values) > 1.2 * base
+
+
+def test_noise_views_keep_a_gray_image_gray_and_stay_within_the_largest_sigma():
+    from xferlearn.data.augment import NOISE_SIGMA
+
+    gray = np.repeat(np.array(synthetic_image(0, 2, size=64).convert("L"))[..., None], 3, axis=2)
+    colour = np.array(synthetic_image(1, 2, size=64).convert("RGB"))
+    colour[..., 1] //= 2
+    transform = train_transform("noise")
+    spreads = []
+    for seed in range(20):
+        view = augmented(gray, transform, seed)
+        assert torch.equal(view[0], view[1]) and torch.equal(view[0], view[2])
+        spreads.append(float((view[0].float() - torch.from_numpy(gray[..., 0]).float()).std()) / 255)
+    assert max(spreads) <= 1.1 * NOISE_SIGMA and max(spreads) > 0.5 * NOISE_SIGMA and min(spreads) < max(spreads) / 2
+    coloured = augmented(colour, transform, 3)
+    assert not torch.equal(coloured[0].float() - colour[..., 0].astype(np.float32),
+                           coloured[1].float() - colour[..., 1].astype(np.float32))  # a draw per channel
+

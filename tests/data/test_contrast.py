@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from xferlearn.data.contrast import equalize, equalize_tensor, is_gray, resolve_contrast
+from xferlearn.data.contrast import equalize, equalize_tensor, is_gray, is_grayscale_set, resolve_contrast
 from xferlearn.data.images import Preprocessing
 from xferlearn.errors import XferlearnError
 
@@ -50,10 +50,11 @@ def test_tensor_form_equals_the_array_form():
 def test_auto_equalises_grayscale_sets_only():
     gray = [low_contrast_gray(seed) for seed in range(4)]
     colour = gray[:3] + [np.dstack([gray[3][..., 0], gray[3][..., 1] // 2, gray[3][..., 2]])]
-    assert resolve_contrast("auto", gray) == "clahe"
-    assert resolve_contrast("auto", colour) == "none"  # one colour image makes it a colour set
-    assert resolve_contrast("none", gray) == "none"
-    assert resolve_contrast("clahe", colour) == "clahe"
+    assert is_grayscale_set(gray) and not is_grayscale_set(colour)  # one colour image makes it a colour set
+    assert resolve_contrast("auto", True) == "clahe"
+    assert resolve_contrast("auto", False) == "none"
+    assert resolve_contrast("none", True) == "none"
+    assert resolve_contrast("clahe", False) == "clahe"
 
 
 def test_preprocessing_records_the_step_and_old_records_read_as_none():

@@ -314,7 +314,13 @@ def test_the_deepest_stage_is_kept_unless_an_earlier_one_is_better_beyond_noise(
 
 
 def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_path, capsys):
-    assert TrainConfig(data="x").augment == "article"
+    gray, colour = TrainConfig(data="x"), TrainConfig(data="x")
+    assert gray.augment is None and gray.views is None  # the linear recipe's wait for the images
+    assert gray.resolve_views(grayscale=True) and (gray.views, gray.augment) == (1, "noise")
+    assert not colour.resolve_views(grayscale=False) and (colour.views, colour.augment) == (0, "article")
+    mine = TrainConfig(data="x", views=0)
+    assert not mine.resolve_views(grayscale=True) and (mine.views, mine.augment) == (0, "noise")
+    assert TrainConfig(data="x", recipe="finetune").views == 0
     assert TrainConfig(data="x").tta is False and TrainConfig(data="x", recipe="finetune").tta is True
     assert TrainConfig(data="x", recipe="finetune", tta=False).tta is False
     assert TrainConfig(data="x", recipe="finetune").augment == "xray"

@@ -146,13 +146,17 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
     sidecar = json.loads((gray / "export" / "model.json").read_text())
     assert "CLAHE" in sidecar["preprocessing"]["note"] and sidecar["preprocessing"]["contrast"] == "clahe"
 
-    off = xferlearn.train(data=str(image_folder), out=str(tmp_path / "off"), contrast="none", **TINY).run_dir
+    # --views left out: gray images get a sensor-noise view (with or without CLAHE), colour ones none.
+    unset = {k: v for k, v in TINY.items() if k != "views"}
+    off = xferlearn.train(data=str(image_folder), out=str(tmp_path / "off"), contrast="none", **unset).run_dir
     assert load_checkpoint(off).preprocessing.contrast == "none"
+    assert (load_checkpoint(off).config["views"], load_checkpoint(off).config["augment"]) == (1, "noise")
     for path in image_folder.rglob("*.jpeg"):  # the same images, tinted: a colour set
         rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
         Image.fromarray((rgb * [1.0, 0.8, 0.6]).astype(np.uint8)).save(path)
-    colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **TINY).run_dir
+    colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **unset).run_dir
     assert load_checkpoint(colour).preprocessing.contrast == "none"
+    assert (load_checkpoint(colour).config["views"], load_checkpoint(colour).config["augment"]) == (0, "article")
     with pytest.raises(XferlearnError, match=r"--contrast must be one of \('auto', 'clahe', 'none'\)"):
         TrainConfig(data=str(image_folder), contrast="sharpen")
 

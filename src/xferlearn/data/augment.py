@@ -15,6 +15,11 @@ Images arrive as decoded uint8 arrays already squashed to the model's input size
   sharpened or left alone with equal odds, then gets random gamma, brightness, contrast,
   sensor noise and JPEG re-compression, over the `xray` geometry with a zoom that reaches
   further in (cutting borders and burnt-in markers). No flip.
+- `noise`: sensor noise alone: Gaussian noise of a standard deviation drawn per view from 0 to
+  NOISE_SIGMA (0-1 scale), the same on every channel of a gray image (it stays gray, as a
+  detector's noise would leave it). The linear recipe's default view for grayscale images: frozen
+  ImageNet features read fine grain as structure, and a head trained on clean X-rays only took
+  barely visible noise for pneumonia (benchmarks/RESULTS.md, session 9).
 - `none`: the image as it is.
 
 Test-time augmentation (`tta_views`) averages the prediction over the clean image and a few
@@ -32,6 +37,7 @@ import torch
 from ..config import AUGMENT_PRESETS as PRESETS
 
 # (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
+NOISE_SIGMA = 0.06  # the stress test's noise at severity 3 (evaluation/corruptions.py)
 TTA_VIEWS = ((1.0, (0.0, 0.0)), (1.06, (0.0, 0.0)), (0.94, (0.0, 0.0)),
              (1.0, (0.03, 0.03)), (1.0, (-0.03, -0.03)))
 
@@ -62,6 +68,8 @@ def train_transform(preset: str):
             v2.ToDtype(torch.uint8, scale=True),
             v2.RandomApply([v2.JPEG(quality=(30, 95))], p=0.5),
         ])
+    if preset == "noise":
+        return SensorNoise(NOISE_SIGMA)
     if preset == "none":
         return v2.Identity()
     raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
@@ -80,6 +88,24 @@ class RandomGamma(torch.nn.Module):
 
         low, high = self.gammas
         return v2.functional.adjust_gamma(image, low + (high - low) * float(torch.rand(())))
+
+
+class SensorNoise(torch.nn.Module):
+    """torchvision's gaussian_noise with a sigma drawn uniformly from 0 to `largest`, on one
+    channel of a gray image (then repeated, so it stays gray) or on each channel of a colour one."""
+
+    def __init__(self, largest: float):
+        super().__init__()
+        self.largest = largest
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        gray = bool((image[0] == image[1]).all() and (image[0] == image[2]).all())
+        pixels = F.to_dtype(image[:1] if gray else image, torch.float32, scale=True)
+        noisy = F.to_dtype(F.gaussian_noise(pixels, sigma=self.largest * float(torch.rand(())), clip=True),
+                           torch.uint8, scale=True)
+        return noisy.expand_as(image).clone() if gray else noisy
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,10 @@ session 6), for about 1.5 ms of CPU per 224 px image. It amplifies noise as well
 in the synthetic stress test the ensemble with it fared worse under severe noise, JPEG, borders
 and blur (mean error 0.096 against 0.075) and better under contrast shifts, and on a milder
 real shift (the second NORMAL batch held out) it cost the ensemble 0.003 of AUC. A lower clip
-limit (1.0, 1.5) lost part of the conflict split's gain without helping the stress test.
+limit (1.0, 1.5) lost part of the conflict split's gain without helping the stress test, and
+neither did smoothing before it (Gaussian, median, bilateral; session 9): the fragility to noise
+was the frozen features' (Lite0 without CLAHE had it too), and the linear recipe's sensor-noise
+view on grayscale images is what answers it (config.GRAYSCALE_LINEAR_VIEWS).
 
 It is part of the model's preprocessing (`Preprocessing.contrast`, saved in the checkpoint),
 applied wherever pixels enter: features, fine-tune batches, predict, serve, explain, int8
@@ -36,12 +39,16 @@ DESCRIPTION = (f"CLAHE (OpenCV createCLAHE, clip limit {CLIP_LIMIT}, {TILES}x{TI
                "or on the lightness of the Lab form of a colour image")
 
 
-def resolve_contrast(option: str, arrays) -> str:
-    """The contrast step a run uses: `option`, or for `auto`, "clahe" when every one of `arrays`
-    (a sample of the training images) is grayscale, else "none"."""
+def is_grayscale_set(arrays) -> bool:
+    """Whether every one of `arrays` (a spread sample of the training images) is grayscale."""
+    return all(is_gray(array) for array in arrays)
+
+
+def resolve_contrast(option: str, grayscale: bool) -> str:
+    """The contrast step a run uses: `option`, or for `auto`, "clahe" for a grayscale set, else "none"."""
     if option != "auto":
         return option
-    return "clahe" if all(is_gray(array) for array in arrays) else "none"
+    return "clahe" if grayscale else "none"
 
 
 def equalize(array: np.ndarray, method: str) -> np.ndarray:

@@ -27,7 +27,7 @@ from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
 from ..data.folders import (Manifest, count_images, find_layout, folder_split, grouping, save_split, scan,
                             split_validation, use_validation_folder)
 from ..data.phash import hashes
-from ..data.contrast import AUTO_SAMPLE, resolve_contrast
+from ..data.contrast import AUTO_SAMPLE, is_grayscale_set, resolve_contrast
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
 from ..evaluation.metrics import bootstrap_intervals, named_positive_index
@@ -125,15 +125,21 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
     return manifest, train_idx, val_idx, how, 0
 
 
-def choose_contrast(config: TrainConfig, manifest: Manifest, train_idx, cache: DecodeCache, preprocessing):
-    """The run's preprocessing with its contrast step resolved (`--contrast auto`: CLAHE where a
-    spread sample of the training images is all grayscale), and the cache set to apply it."""
+def choose_for_images(config: TrainConfig, manifest: Manifest, train_idx, cache: DecodeCache, preprocessing):
+    """What depends on whether the images are grayscale (a spread sample of the training images):
+    the contrast step (`--contrast auto`: CLAHE for grayscale) and the linear recipe's default
+    views (a sensor-noise view for grayscale). Returns the preprocessing with its contrast step
+    resolved, sets the cache to apply it and fills in `config.views` and `config.augment`."""
     sample = np.asarray(train_idx)[np.linspace(0, len(train_idx) - 1, min(AUTO_SAMPLE, len(train_idx))).astype(int)]
     paths, digests = manifest.paths, manifest.digests  # each a list built per access: once here
-    contrast = resolve_contrast(config.contrast, (cache.get(paths[i], digests[i]) for i in sample))
+    grayscale = is_grayscale_set(cache.get(paths[i], digests[i]) for i in sample)
+    contrast = resolve_contrast(config.contrast, grayscale)
     if config.contrast == "auto":
         console.print("Contrast: CLAHE (local equalisation), as the images are grayscale (--contrast none: off)."
                       if contrast == "clahe" else "Contrast: as decoded (colour images; --contrast clahe: equalise).")
+    if config.resolve_views(grayscale):
+        console.print("Views: the clean image and one with sensor noise, as the images are grayscale (a head on "
+                      "frozen features otherwise reads noise as structure; --views 0: clean only).")
     cache.contrast = contrast
     return replace(preprocessing, contrast=contrast)
 
@@ -173,7 +179,7 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     if not is_rank_zero():
         barrier()  # rank 0 decodes into the shared cache first; the others then only read and hash
     manifest, train_idx, val_idx, how, folds = split(config, layout, cache)
-    preprocessing = choose_contrast(config, manifest, train_idx, cache, preprocessing)
+    preprocessing = choose_for_images(config, manifest, train_idx, cache, preprocessing)
     if is_rank_zero():
         barrier()
         save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
