@@ -99,7 +99,8 @@ class TrainConfig:
     weight_decay: float = _option(1e-4, "AdamW weight decay of the head")
     views: int | None = _option(None, "augmented views per training image, beside the clean one, for the head on "
                                 "frozen features (--augment acts on the linear recipe only through these); "
-                                "default: 1 sensor-noise view for grayscale images (X-rays), 0 for colour ones")
+                                "default: 1 for grayscale images (X-rays; a sensor-noise view unless --augment "
+                                "names another preset), 0 for colour ones")
     augment: str | None = _option(None, "augmentation preset; default: the recipe's (linear: noise for "
                                   "grayscale images, article for colour ones; finetune: xray)", AUGMENT_PRESETS)
     val: str | None = _option(None, "a folder of class folders to validate on (default: DATA/val where DATA "
