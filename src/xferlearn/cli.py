@@ -44,7 +44,8 @@ def add_train(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_TRAIN_EXAMPLES.format(minimum=MIN_VAL_PER_CLASS, folds=CV_FOLDS),
         description="Train on DATA: one subfolder per class, or a root with train/ [val/] [test/]. A val/ "
-                    f"folder (or valid/, validation/, or --val) with at least {MIN_VAL_PER_CLASS} images a class is the validation split; "
+                    f"folder (or valid/, validation/, or --val) with at least {MIN_VAL_PER_CLASS} images a class "
+                    "is the validation split; "
                     "a smaller one is pooled into train. Otherwise validation is held out from train (grouped by "
                     "patient where file names carry one) or, on small data, replaced by cross-fitting.")
     for f in fields(TrainConfig):

@@ -83,7 +83,8 @@ def _option(default, help: str, choices: tuple | None = None, metavar: str | Non
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata={"help": "a folder of class folders, or a root holding train/ [val/ or valid/ or validation/] [test/]"})
+    data: str = field(metadata={"help": "a folder of class folders, or a root holding train/ "
+                                        "[val/ or valid/ or validation/] [test/]"})
     out: str = _option("runs/xferlearn", "the run folder to create", metavar="DIR")
     backbone: str | None = _option(None, "the pretrained network: a name from `xferlearn backbones`, or any "
                                    "timm model name; A+B[+C] is the ensemble of those networks, one model (linear "
@@ -180,7 +181,8 @@ class TrainConfig:
         if self.tta is None:
             self.tta = DEFAULT_TTA[self.recipe]
         need(self.contrast in CONTRASTS, f"--contrast must be one of {CONTRASTS}, not {self.contrast!r}.")
-        need(self.augment in (None, *AUGMENT_PRESETS), f"--augment must be one of {AUGMENT_PRESETS}, not {self.augment!r}.")
+        need(self.augment in (None, *AUGMENT_PRESETS),
+             f"--augment must be one of {AUGMENT_PRESETS}, not {self.augment!r}.")
         need(self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}, not {self.imbalance!r}.")
         need(self.threshold in THRESHOLDS, f"--threshold must be one of {THRESHOLDS}, not {self.threshold!r}.")
         need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, not {self.compile!r}.")

@@ -36,8 +36,8 @@ import torch
 
 from ..config import AUGMENT_PRESETS as PRESETS
 
-# (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
 NOISE_SIGMA = 0.06  # the stress test's noise at severity 3 (evaluation/corruptions.py)
+# (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
 TTA_VIEWS = ((1.0, (0.0, 0.0)), (1.06, (0.0, 0.0)), (0.94, (0.0, 0.0)),
              (1.0, (0.03, 0.03)), (1.0, (-0.03, -0.03)))
 
@@ -90,22 +90,27 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, low + (high - low) * float(torch.rand(())))
 
 
+def sensor_noise(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(3, H, W) uint8 with torchvision's gaussian_noise of `sigma` (0-1 scale), drawn from torch's
+    generator: on one channel of a gray image, then repeated (it stays gray, as a detector's
+    noise leaves an X-ray), on each channel of a colour one. The stress test's noise too."""
+    from torchvision.transforms.v2 import functional as F
+
+    gray = bool((image[0] == image[1]).all() and (image[0] == image[2]).all())
+    pixels = F.to_dtype(image[:1] if gray else image, torch.float32, scale=True)
+    noisy = F.to_dtype(F.gaussian_noise(pixels, sigma=sigma, clip=True), torch.uint8, scale=True)
+    return noisy.expand_as(image).clone() if gray else noisy
+
+
 class SensorNoise(torch.nn.Module):
-    """torchvision's gaussian_noise with a sigma drawn uniformly from 0 to `largest`, on one
-    channel of a gray image (then repeated, so it stays gray) or on each channel of a colour one."""
+    """`sensor_noise` with a sigma drawn uniformly from 0 to `largest` per view."""
 
     def __init__(self, largest: float):
         super().__init__()
         self.largest = largest
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
-        gray = bool((image[0] == image[1]).all() and (image[0] == image[2]).all())
-        pixels = F.to_dtype(image[:1] if gray else image, torch.float32, scale=True)
-        noisy = F.to_dtype(F.gaussian_noise(pixels, sigma=self.largest * float(torch.rand(())), clip=True),
-                           torch.uint8, scale=True)
-        return noisy.expand_as(image).clone() if gray else noisy
+        return sensor_noise(image, self.largest * float(torch.rand(())))
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..config import STRESS_SHIFTS
+from ..data.augment import sensor_noise
 from ..errors import XferlearnError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -100,15 +101,11 @@ def _blur(image, value, rng):
 
 def _noise(image, value, rng):
     # v2's gaussian_noise draws from torch's global generator; fork it so the draw is seeded
-    # here and the caller's random state is left as it was.
-    # A gray image (every X-ray) gets gray noise: one channel's draw, repeated.
-    gray = bool((image[0] == image[1]).all() and (image[0] == image[2]).all())
+    # here and the caller's random state is left as it was. A gray image (every X-ray) gets
+    # gray noise, as the linear recipe's noise view does: the one function for both.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**62)))
-        noisy = F.gaussian_noise(F.to_dtype(image[:1] if gray else image, torch.float32, scale=True),
-                                 sigma=value, clip=True)
-    noisy = F.to_dtype(noisy, torch.uint8, scale=True)
-    return noisy.expand_as(image).clone() if gray else noisy
+        return sensor_noise(image, value)
 
 
 def _jpeg(image, value, rng):
