@@ -49,3 +49,17 @@ def test_noise_views_keep_a_gray_image_gray_and_stay_within_the_largest_sigma():
     assert not torch.equal(coloured[0].float() - colour[..., 0].astype(np.float32),
                            coloured[1].float() - colour[..., 1].astype(np.float32))  # a draw per channel
 
+
+
+def test_fractional_views_cover_a_stable_share_of_the_images():
+    from xferlearn.data.augment import in_view, view_shares
+
+    assert view_shares(0) == [] and view_shares(1) == [1.0] and view_shares(2.5) == [1.0, 1.0, 0.5]
+    assert view_shares(0.25) == [0.25]
+    digests = [f"{i:040x}" for i in range(4000)]
+    quarter = {d for d in digests if in_view(d, 1, 0, 0.25)}
+    half = {d for d in digests if in_view(d, 1, 0, 0.5)}
+    assert abs(len(quarter) / 4000 - 0.25) < 0.03 and abs(len(half) / 4000 - 0.5) < 0.03
+    assert quarter < half  # a larger share keeps the smaller one's images (and their cached rows)
+    assert quarter != {d for d in digests if in_view(d, 1, 1, 0.25)}  # another seed, other images
+    assert all(in_view(d, 2, 0, 1.0) for d in digests[:50])

@@ -316,7 +316,7 @@ def test_the_deepest_stage_is_kept_unless_an_earlier_one_is_better_beyond_noise(
 def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_path, capsys):
     gray, colour = TrainConfig(data="x"), TrainConfig(data="x")
     assert gray.augment is None and gray.views is None  # the linear recipe's wait for the images
-    assert gray.resolve_views(grayscale=True) and (gray.views, gray.augment) == (1, "noise")
+    assert gray.resolve_views(grayscale=True) and (gray.views, gray.augment) == (0.25, "noise")
     assert not colour.resolve_views(grayscale=False) and (colour.views, colour.augment) == (0, "article")
     mine = TrainConfig(data="x", views=0)
     assert not mine.resolve_views(grayscale=True) and (mine.views, mine.augment) == (0, "noise")

@@ -129,6 +129,29 @@ def test_feature_cache_is_reused(tmp_path, image_folder, monkeypatch):
     assert sum(calls) > 0  # another seed: other augmented views, computed afresh
 
 
+def test_a_fractional_view_covers_a_share_of_the_training_images_and_reuses_the_cache(tmp_path, monkeypatch):
+    import xferlearn.models.features as features
+
+    data = make_folder(tmp_path / "d", per_class=40)
+    calls = []
+    original = features.FeatureExtractor.__call__
+    monkeypatch.setattr(features.FeatureExtractor, "__call__", lambda self, b: calls.append(len(b)) or original(self, b))
+    full = xferlearn.train(data=str(data), out=str(tmp_path / "full"), **{**TINY, "views": 1})
+    n_train, n_val = len(json.loads((full.run_dir / "split.json").read_text())["train"]), full.metrics["n"]
+    assert sum(calls) == 2 * n_train + n_val  # the clean pass, one view of every training image, validation
+    calls.clear()
+    half = xferlearn.train(data=str(data), out=str(tmp_path / "half"), **{**TINY, "views": 0.5})
+    assert calls == []  # the half's views are the full run's rows: the same images, the same draws
+    assert load_checkpoint(half.run_dir).config["views"] == 0.5
+    calls.clear()
+    xferlearn.train(data=str(data), out=str(tmp_path / "more"), **{**TINY, "views": 1.5})
+    assert 0.3 * n_train < sum(calls) < 0.7 * n_train  # only the second view's half is new
+    calls.clear()
+    oof = xferlearn.train(data=str(data), out=str(tmp_path / "cv"), **{**TINY, "views": 0.5, "cv": 3})
+    assert oof.metrics["n"] == 80  # every image, out of fold
+    assert 0 < sum(calls) < n_val  # new rows only for the former validation images' share of the view
+
+
 def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path, image_folder):
     """Gray images (X-rays) get CLAHE by default, colour ones not; the saved run then applies it in
     predict through PyTorch and ONNX Runtime exactly as training's validation did."""
@@ -150,7 +173,7 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
     unset = {k: v for k, v in TINY.items() if k != "views"}
     off = xferlearn.train(data=str(image_folder), out=str(tmp_path / "off"), contrast="none", **unset).run_dir
     assert load_checkpoint(off).preprocessing.contrast == "none"
-    assert (load_checkpoint(off).config["views"], load_checkpoint(off).config["augment"]) == (1, "noise")
+    assert (load_checkpoint(off).config["views"], load_checkpoint(off).config["augment"]) == (0.25, "noise")
     for path in image_folder.rglob("*.jpeg"):  # the same images, tinted: a colour set
         rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
         Image.fromarray((rgb * [1.0, 0.8, 0.6]).astype(np.uint8)).save(path)

@@ -30,6 +30,7 @@ the `xray` preset trains for. No flip: a flipped chest is not a chest the model 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -122,6 +123,22 @@ def view_seed(digest: str, view: int, seed: int) -> int:
     """A seed per (image, view, run seed): view k of an image is the same in every run,
     so its cached features stay valid, and differs between images and views."""
     return int.from_bytes(hashlib.sha1(f"{digest}:{view}:{seed}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def view_shares(views: float) -> list[float]:
+    """The share of training images each augmented view covers: `--views 2` is [1, 1] (two
+    views of every image), `--views 0.25` is [0.25] (one view of a quarter of them)."""
+    return [min(1.0, views - k) for k in range(math.ceil(views))]
+
+
+def in_view(digest: str, view: int, seed: int, share: float) -> bool:
+    """Whether view `view` of an image is drawn when it covers a `share` of the images: the
+    same images for every subset of them and every run of the seed, so a split's features are
+    a subset of the whole folder's and the store's rows are shared."""
+    if share >= 1:
+        return True
+    draw = int.from_bytes(hashlib.sha1(f"{digest}:{view}:{seed}:share".encode()).digest()[:8], "little")
+    return draw < share * 2**64
 
 
 def augmented(array: np.ndarray, transform, seed: int) -> torch.Tensor:

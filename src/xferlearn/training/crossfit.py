@@ -76,16 +76,28 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
     cache = DecodeCache.of(preprocessing, config.cache_dir)
     tables, _ = compute_features(model, manifest, everything, everything[:0], config, arch, weights_tag,
                                  preprocessing, cache)
-    train_views = np.stack([table.read(np.arange(len(table))) for table in tables])  # small data: in memory
-    labels, width, n_views = manifest.labels, train_views.shape[-1], config.views + 1
+    # Small data: every view's rows in memory, with the images each covers (all, or a share).
+    train_views = [(idx, table.read(np.arange(len(table)))) for idx, table in tables]
+    labels, clean = manifest.labels, train_views[0][1]
+
+    def rows_of(images):
+        """The training rows of `images`, view after view in their order, and their labels."""
+        rows, ys = [], []
+        for idx, x in train_views:
+            where = np.full(len(labels), -1)
+            where[idx] = np.arange(len(idx))
+            picked = where[images][where[images] >= 0]
+            rows, ys = rows + [x[picked]], ys + [labels[idx[picked]]]
+        return np.concatenate(rows), np.concatenate(ys)
+
     oof = np.zeros((config.epochs, len(labels), len(manifest.classes)), dtype=np.float32)
     folds = fold_indices(manifest, k, config.seed)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"cross-fitting ({k} folds)", total=k)
         for fold, (inside, held_out) in enumerate(folds):
             head = copy.deepcopy(model.get_classifier())
-            _, module = train_head(head, train_views[:, inside].reshape(-1, width), np.tile(labels[inside], n_views),
-                                   train_views[0, held_out], labels[held_out], config, manifest.classes, run,
+            _, module = train_head(head, *rows_of(inside), clean[held_out], labels[held_out], config,
+                                   manifest.classes, run,
                                    stage="/".join(filter(None, (stage, f"cv/fold{fold + 1}"))), positive=positive,
                                    keep_logits=True, progress_bar=False)
             oof[:, held_out] = np.stack(module.epoch_logits)
@@ -94,8 +106,8 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
     console.print(f"Cross-fitting{' ' + stage if stage else ''}: {k} folds ({grouping(manifest)}); out-of-fold AUC "
                   f"by epoch peaks at epoch {best + 1} of {config.epochs} ({aucs[best]:.4f}); refitting the head on all "
                   f"{len(labels)} images for {best + 1} epochs.")
-    train_head(model.get_classifier(), train_views.reshape(-1, width), np.tile(labels, n_views), None, None, config,
-               manifest.classes, run, stage=stage, positive=positive, max_epochs=best + 1)
+    train_head(model.get_classifier(), *rows_of(everything), None, None, config, manifest.classes, run, stage=stage,
+               positive=positive, max_epochs=best + 1)
     selection = {"cv_folds": k, "chosen_epochs": best + 1, "best_epoch_val_auc": aucs[best],
                  "out_of_fold_auc_by_epoch": [round(a, 5) for a in aucs], "grouping": grouping(manifest)}
     return selection, oof[best]

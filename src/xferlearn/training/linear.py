@@ -18,6 +18,7 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
+from ..data.augment import in_view, view_shares
 from ..data.folders import Manifest
 from ..data.images import DecodeCache
 from ..models.feature_store import FeatureRows, FeatureStore
@@ -81,15 +82,21 @@ class FeatureRowsDataset(Dataset):
 
 
 def compute_features(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str,
-                     weights_tag: str, preprocessing, cache: DecodeCache) -> tuple[list[FeatureRows], FeatureRows | None]:
-    """Frozen features, from the store where computed before: one table per training view
-    (view 0 clean, the rest augmented) and the clean validation images' (None without any,
-    as under cross-fitting). In a distributed run each process computes its share."""
+                     weights_tag: str, preprocessing, cache: DecodeCache
+                     ) -> tuple[list[tuple[np.ndarray, FeatureRows]], FeatureRows | None]:
+    """Frozen features, from the store where computed before: per training view (view 0 clean,
+    the rest augmented) the images it covers (all of `train_idx`, or a share of them where
+    `--views` is fractional) and their table; and the clean validation images' table (None
+    without any, as under cross-fitting). In a distributed run each process computes its share."""
     here = device(config)
     engine = feature_engine(config.feature_engine, here, config.precision)
     precision = "fp32" if engine == "onnx" else resolve_precision(config.precision, here)
     pick = lambda idx: manifest.take(idx)[:2]  # noqa: E731
-    views = [(train_idx, v, config.augment) for v in range(config.views + 1)]
+    train_idx, digests = np.asarray(train_idx, dtype=np.int64), manifest.take(train_idx)[1]
+    views = [(train_idx, 0, config.augment)]
+    for v, share in enumerate(view_shares(config.views), 1):
+        covered = train_idx[np.array([in_view(d, v, config.seed, share) for d in digests], dtype=bool)]
+        views += [(covered, v, config.augment)] if len(covered) else []
     views += [(val_idx, 0, "none")] if len(val_idx) else []
     names = [view_name(v, preset, config.seed) for _, v, preset in views]
 
@@ -115,8 +122,8 @@ def compute_features(model, manifest: Manifest, train_idx, val_idx, config: Trai
             extract(extractor, *pick(idx), cache, store, todo, view=v, preset=preset, progress=progress, **kwargs)
     barrier()  # every process's part is written: the store is whole
     tables = [store.rows(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
-    train_views = tables[:config.views + 1]
-    return train_views, tables[-1] if len(val_idx) else None
+    n_train = len(views) - bool(len(val_idx))
+    return [(idx, table) for (idx, _, _), table in zip(views[:n_train], tables)], tables[-1] if len(val_idx) else None
 
 
 def train_head(head, train_rows, train_y: np.ndarray, val_rows, val_y: np.ndarray | None, config: TrainConfig,
@@ -170,11 +177,11 @@ def fit_head(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
         return {"members": [best for best, _, _ in fits]}, np.mean([logits for _, logits, _ in fits], 0), fits[0][2]
     train_views, val_rows = compute_features(model, manifest, train_idx, val_idx, config, arch, weights_tag,
                                              preprocessing, cache)
-    train_y = np.tile(manifest.labels[train_idx], config.views + 1)
+    train_y = np.concatenate([manifest.labels[idx] for idx, _ in train_views])
     val_y = manifest.labels[val_idx]
     head = model.get_classifier()
-    best, _ = train_head(head, FeatureRows.concat(train_views), train_y, val_rows, val_y, config, manifest.classes,
-                         run, stage=stage, positive=positive)
+    best, _ = train_head(head, FeatureRows.concat([table for _, table in train_views]), train_y, val_rows, val_y,
+                         config, manifest.classes, run, stage=stage, positive=positive)
     head = head.cpu().eval()
     with torch.inference_mode():
         val_logits = np.concatenate([head(torch.from_numpy(x)).numpy() for x in val_rows.chunks()])

@@ -128,7 +128,7 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
 def choose_for_images(config: TrainConfig, manifest: Manifest, train_idx, cache: DecodeCache, preprocessing):
     """What depends on whether the images are grayscale (a spread sample of the training images):
     the contrast step (`--contrast auto`: CLAHE for grayscale) and the linear recipe's default
-    views (a sensor-noise view for grayscale). Returns the preprocessing with its contrast step
+    views (sensor-noise views for grayscale). Returns the preprocessing with its contrast step
     resolved, sets the cache to apply it and fills in `config.views` and `config.augment`."""
     sample = np.asarray(train_idx)[np.linspace(0, len(train_idx) - 1, min(AUTO_SAMPLE, len(train_idx))).astype(int)]
     paths, digests = manifest.paths, manifest.digests  # each a list built per access: once here
@@ -138,8 +138,9 @@ def choose_for_images(config: TrainConfig, manifest: Manifest, train_idx, cache:
         console.print("Contrast: CLAHE (local equalisation), as the images are grayscale (--contrast none: off)."
                       if contrast == "clahe" else "Contrast: as decoded (colour images; --contrast clahe: equalise).")
     if config.resolve_views(grayscale):
-        console.print("Views: the clean image and one with sensor noise, as the images are grayscale (a head on "
-                      "frozen features otherwise reads noise as structure; --views 0: clean only).")
+        console.print(f"Views: the clean image, and one with sensor noise for {config.views:.0%} of the training "
+                      "images, as the images are grayscale (a head on frozen features otherwise reads noise as "
+                      "structure; --views 0: clean only).")
     cache.contrast = contrast
     return replace(preprocessing, contrast=contrast)
 
