@@ -91,6 +91,12 @@ def test_evaluate_refuses_other_classes(tiny_run, tmp_path):
     data = make_folder(tmp_path / "other", classes=("CAT", "DOG"), per_class=2)
     with pytest.raises(XferlearnError, match="missing"):
         xferlearn.evaluate(tiny_run, data)
+    root = tmp_path / "tf"  # TensorFlow's layout: train/ and validation/, no test/
+    for part in ("train", "validation"):
+        make_folder(root / part, per_class=2)
+    with pytest.raises(XferlearnError, match=r"holds train/, validation/ with the model's classes .* no test/: give "
+                                             r"the folder to evaluate, e.g. .*tf/validation"):
+        xferlearn.evaluate(tiny_run, root)
 
 
 def test_existing_run_is_not_overwritten(tiny_run, tiny_data):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._io import read_json
+from ..errors import XferlearnError
 from ..data.folders import ImageDataset, check_same_classes, class_folders, scan
 from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
@@ -34,6 +35,11 @@ def evaluation_root(data: Path, classes: list[str]) -> Path:
     if found != classes and "test" in found and (data / "test").is_dir():
         data = data / "test"
         found = class_folders(data)
+    if found != classes:  # a root without test/ (TensorFlow's train/ + validation/): name what would do
+        fits = [name for name in found if class_folders(data / name) == classes]
+        if fits:
+            raise XferlearnError(f"{data} holds {', '.join(f'{name}/' for name in fits)} with the model's classes "
+                                 f"{classes} but no test/: give the folder to evaluate, e.g. {data / fits[-1]}.")
     check_same_classes(classes, found, data)
     return data
 
