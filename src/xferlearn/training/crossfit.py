@@ -84,9 +84,10 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
         """The training rows of `images`, view after view in their order, and their labels."""
         rows, ys = [], []
         for idx, x in train_views:
-            where = np.full(len(labels), -1)
+            where = np.full(len(labels), -1)  # image -> its row in this view's table (-1: not covered)
             where[idx] = np.arange(len(idx))
-            picked = where[images][where[images] >= 0]
+            picked = where[images]
+            picked = picked[picked >= 0]
             rows, ys = rows + [x[picked]], ys + [labels[idx[picked]]]
         return np.concatenate(rows), np.concatenate(ys)
 
