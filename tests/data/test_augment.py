@@ -50,7 +50,6 @@ def test_noise_views_keep_a_gray_image_gray_and_stay_within_the_largest_sigma():
                            coloured[1].float() - colour[..., 1].astype(np.float32))  # a draw per channel
 
 
-
 def test_fractional_views_cover_a_stable_share_of_the_images():
     from xferlearn.data.augment import in_view, view_shares
 

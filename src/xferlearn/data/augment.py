@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..config import AUGMENT_PRESETS as PRESETS
+from .images import is_gray
 
 NOISE_SIGMA = 0.06  # the stress test's noise at severity 3 (evaluation/corruptions.py)
 # (scale, (dx, dy) as fractions of the side): the clean image first, then four mild views.
@@ -97,7 +98,7 @@ def sensor_noise(image: torch.Tensor, sigma: float) -> torch.Tensor:
     noise leaves an X-ray), on each channel of a colour one. The stress test's noise too."""
     from torchvision.transforms.v2 import functional as F
 
-    gray = bool((image[0] == image[1]).all() and (image[0] == image[2]).all())
+    gray = is_gray(image.permute(1, 2, 0))  # channels last, as the helper reads arrays
     pixels = F.to_dtype(image[:1] if gray else image, torch.float32, scale=True)
     noisy = F.to_dtype(F.gaussian_noise(pixels, sigma=sigma, clip=True), torch.uint8, scale=True)
     return noisy.expand_as(image).clone() if gray else noisy
