@@ -38,6 +38,8 @@ def test_int8_export_records_its_validation_check_and_threshold(int8_run):
     assert check["fp32"]["threshold"] == card["threshold"] == load_checkpoint(int8_run).threshold
     assert 0 <= int8["threshold"] <= 1 and "through the int8 model" in int8["threshold_source"]
     assert "training split" in int8["calibration"] and 0.5 <= check["same_decision"] <= 1
+    # The tiny split holds too few images a class for a rank correlation: recorded as not measured.
+    assert check["rank_agreement"] == {} and "not measured" in check["rank_note"] and check["rank_floor"] == 0.98
 
 
 def test_int8_model_is_quantised_and_close_to_fp32(int8_run, tiny_data):
@@ -81,6 +83,64 @@ def test_default_engine_is_int8_once_its_export_exists(int8_run, tiny_data, tmp_
     checkpoint.temperature = 2.0
     save_checkpoint(checkpoint, stale / "model.pt")
     assert load_engine(stale, n_images=10).engine == "torch"
+
+
+def test_rank_agreement_sees_reordering_within_a_class():
+    """The second check: within each class, does int8 order the images as fp32 does? Scores far
+    apart between classes (AUC 1 either way) cannot show a shuffle inside one; this can."""
+    from xferlearn.deploy.quantize import rank_agreement
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    pos = np.where(y == 1, rng.uniform(0.9, 1.0, 80), rng.uniform(0.0, 0.1, 80))
+    p32 = np.stack([1 - pos, pos], axis=1)
+    assert rank_agreement(y, p32, p32.copy(), ["a", "b"]) == {"a": 1.0, "b": 1.0}
+    shuffled = pos.copy()
+    for k in (0, 1):  # the same scores, reordered inside each class: AUC stays 1
+        rows = np.flatnonzero(y == k)
+        shuffled[rows] = rng.permutation(pos[rows])
+    agreement = rank_agreement(y, p32, np.stack([1 - shuffled, shuffled], axis=1), ["a", "b"])
+    assert max(agreement.values()) < 0.5
+    assert rank_agreement(y, p32, p32, ["a", "b"], min_images=41) == {}  # too few a class to say anything
+    # Three classes: each class's images, scored by the other classes' probability.
+    y3 = np.repeat([0, 1, 2], 30)
+    p3 = rng.dirichlet(np.ones(3), 90)
+    noisy = p3 * rng.uniform(0.5, 1.5, p3.shape)
+    agreement = rank_agreement(y3, p3, noisy / noisy.sum(axis=1, keepdims=True), ["a", "b", "c"])
+    assert set(agreement) == {"a", "b", "c"} and all(0 < value < 1 for value in agreement.values())
+
+
+def test_int8_refused_when_it_reorders_a_class(tiny_run, tmp_path, monkeypatch, capsys):
+    """An int8 model whose validation AUC holds but whose order within a class does not (here
+    forced by a floor no model can reach) is not kept: nothing written, one line."""
+    import xferlearn.deploy.quantize as quantize
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    monkeypatch.setattr(quantize, "RANK_MIN_IMAGES", 2)  # the tiny split has a handful a class
+    monkeypatch.setattr(quantize, "RANK_FLOOR", 1.01)
+    assert main(["export", str(run), "--format", "onnx-int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reorders the validation images within a class" in err[0] and "not kept" in err[0]
+    assert not (run / "export" / "model.int8.onnx").exists()
+    assert "int8" not in json.loads((run / "export" / "model.json").read_text())
+    assert not list((run / "export").glob(".int8-*"))
+
+
+def test_an_int8_model_checked_on_auc_alone_is_not_used_by_default(int8_run, tmp_path):
+    """int8 models made before the rank check passed a check a saturated split cannot fail:
+    `auto` leaves them, and asking for int8 makes the model again under the current check."""
+    from xferlearn.deploy.predict import int8_ready, load_engine
+
+    old = shutil.copytree(int8_run, tmp_path / "old")
+    card_path = old / "export" / "model.json"
+    card = json.loads(card_path.read_text())
+    assert int8_ready(old) and "rank_agreement" in card["int8"]["validation"]
+    del card["int8"]["validation"]["rank_agreement"]
+    card_path.write_text(json.dumps(card))
+    assert not int8_ready(old) and not int8_ready(old / "export")
+    assert load_engine(old, n_images=10).engine == "onnx"
+    assert load_engine(old, engine="onnx-int8").engine == "onnx-int8"
+    assert "rank_agreement" in json.loads(card_path.read_text())["int8"]["validation"]
 
 
 def test_default_engine_without_int8_follows_the_hardware_and_the_count(int8_run, tmp_path, monkeypatch):

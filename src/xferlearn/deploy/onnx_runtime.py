@@ -35,11 +35,18 @@ def read_sidecar(path: Path) -> dict:
     return record if isinstance(record, dict) and record.get("format") == SIDECAR_FORMAT else {}
 
 
+def int8_checked(card: dict) -> bool:
+    """Whether the sidecar records an int8 model that passed the current validation check: its AUC
+    and its rank agreement with fp32. Older int8 models were checked on AUC alone, which a
+    saturated validation split cannot fail; they count as absent and are made again on first use."""
+    return "rank_agreement" in card.get("int8", {}).get("validation", {})
+
+
 def export_current(folder: Path, checkpoint: Path, fmt: str = "onnx") -> bool:
     """Whether `folder` holds a `fmt` export ("onnx" or "onnx-int8") of the checkpoint file as it is now."""
     card = read_sidecar(folder / SIDECAR)
     name = INT8_FILE if fmt == "onnx-int8" else FORMATS["onnx"]
-    if fmt == "onnx-int8" and "int8" not in card:  # recorded only once the validation check passed
+    if fmt == "onnx-int8" and not int8_checked(card):
         return False
     return (fmt in card.get("files", {}) and (folder / name).is_file() and checkpoint.is_file()
             and card.get("checkpoint_sha256") == file_sha256(checkpoint))

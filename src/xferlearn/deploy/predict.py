@@ -30,7 +30,8 @@ from ..config import ENGINES
 from ..errors import XferlearnError
 from ..models.base import gpu_present
 from ..rundir import checkpoint_path
-from .onnx_runtime import FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_current, export_dir, read_sidecar
+from .onnx_runtime import (FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_current, export_dir, int8_checked,
+                           read_sidecar)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def load_onnx(run: str | Path, threads: int | None = None, int8: bool = False,
         from .export import ensure_onnx  # torch: only when there is something to export
 
         folder = ensure_onnx(run)
-    if int8 and ("int8" not in read_sidecar(folder / SIDECAR) or not (folder / INT8_FILE).is_file()):
+    if int8 and (not int8_checked(read_sidecar(folder / SIDECAR)) or not (folder / INT8_FILE).is_file()):
         from .export import export  # it brings scikit-learn, which plain ONNX prediction never needs
 
         log.info("quantising %s to int8", folder / FORMATS["onnx"])
@@ -70,7 +71,7 @@ def int8_ready(run: str | Path) -> bool:
     validation check, made from the run's current checkpoint."""
     run = Path(run)
     if _is_export(run):
-        return run.is_dir() and "int8" in read_sidecar(run / SIDECAR) and (run / INT8_FILE).is_file()
+        return run.is_dir() and int8_checked(read_sidecar(run / SIDECAR)) and (run / INT8_FILE).is_file()
     return export_current(export_dir(run), checkpoint_path(run), "onnx-int8")
 
 

@@ -20,8 +20,10 @@ folder the user names; never the validation split, which judges the result, nor 
 
 The check: the validation split goes through both exports (with test-time augmentation
 where the threshold was chosen with it). The int8 model is kept only when its AUC is
-within `AUC_TOLERANCE` of the fp32 export's; otherwise nothing is written and the error
-says so. Its scores are not the fp32 ones, so it gets its own threshold, chosen on its own
+within `AUC_TOLERANCE` of the fp32 export's and, within each class, it orders the images
+as the fp32 export does (rank correlation at least `RANK_FLOOR`: a validation AUC near 1 is
+blind to reordering that costs AUC where classes overlap); otherwise nothing is written and
+the error says so. Its scores are not the fp32 ones, so it gets its own threshold, chosen on its own
 validation probabilities by the checkpoint's rule; the sidecar (`model.json`, key `int8`)
 records both operating points, the agreement of their decisions, and the calibration.
 """
@@ -47,6 +49,14 @@ from ..rundir import RunDir
 from .onnx_runtime import INPUT_NAME, INT8_FILE, SIDECAR, OnnxPredictor, read_sidecar
 
 AUC_TOLERANCE = 0.002  # the most the validation AUC may move for the int8 model to be kept
+# The least rank correlation, within each class, between the int8 and the fp32 model's scores on
+# the validation images. A validation AUC near 1 cannot see an int8 model that shuffles images
+# inside a class: on 2 AVX2 cores (7-bit weights) the default ensemble's int8 model read validation
+# AUC within 0.0003 of fp32's and lost 0.006 on held-out shifted images, Lite0's within 0.001 and
+# lost 0.010; their rank correlations were 0.84 and 0.83 (session 11, benchmarks/RESULTS.md). The
+# floor keeps a margin above those; no int8 model measured here has passed it.
+RANK_FLOOR = 0.98
+RANK_MIN_IMAGES = 20  # per class: fewer, and a rank correlation says little (config.MIN_VAL_PER_CLASS)
 CALIBRATION_IMAGES = 256
 _METHOD = ("static, QDQ; weights int8 per output channel, activations uint8 (MinMax ranges, moving average); "
            "classifier in float")
@@ -94,7 +104,15 @@ def calibration_paths(split: dict, calibration: str | Path | None, n: int, seed:
     return [paths[i] for i in picked], f"{len(picked)} images sampled from {source}"
 
 
-def quantize_onnx(fp32: Path, target: Path, calibration: np.ndarray, input_name: str, batch: int = 32) -> None:
+# Images per calibration call. ONNX Runtime runs the calibration graph (every activation feeding a
+# ReduceMin/ReduceMax, graph optimisations off) with its memory arena, which grew with the batch:
+# the three-member ensemble at 260 px peaked at 8.5 GB for one batch of 32 and 16 GB for two,
+# against 4.7 GB at 8 whatever the number of images (session 11, benchmarks/RESULTS.md).
+CALIBRATION_BATCH = 8
+
+
+def quantize_onnx(fp32: Path, target: Path, calibration: np.ndarray, input_name: str,
+                  batch: int = CALIBRATION_BATCH) -> None:
     """Static int8 quantisation of `fp32` into `target`, ranges measured on `calibration`."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
@@ -139,6 +157,22 @@ def _probabilities(predictor, images: np.ndarray, batch: int = 64) -> np.ndarray
                            for i in range(0, len(images), batch)])
 
 
+def rank_agreement(y: np.ndarray, p32: np.ndarray, p8: np.ndarray, classes: list[str],
+                   min_images: int = RANK_MIN_IMAGES) -> dict[str, float]:
+    """Per class with at least `min_images` validation images: the Spearman correlation between the
+    two models' scores of those images, each image scored by the probability of the *other*
+    classes (small numbers keep their precision where the class's own probability rounds to 1)."""
+    from scipy.stats import spearmanr
+
+    agreement = {}
+    for k, name in enumerate(classes):
+        rows, others = y == k, [j for j in range(len(classes)) if j != k]
+        if rows.sum() >= min_images:
+            rho = spearmanr(p32[rows][:, others].sum(axis=1), p8[rows][:, others].sum(axis=1)).statistic
+            agreement[name] = 1.0 if np.isnan(rho) else float(rho)  # nan: every score tied in one of them
+    return agreement
+
+
 def _figures(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None,
              positive: int | None = None) -> dict:
     """AUC, and accuracy, sensitivity and specificity at `threshold` (argmax where None)."""
@@ -148,9 +182,12 @@ def _figures(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: fl
 
 
 def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = None,
-                n_calibration: int = CALIBRATION_IMAGES, tolerance: float = AUC_TOLERANCE) -> dict[str, Path]:
+                n_calibration: int = CALIBRATION_IMAGES, tolerance: float = AUC_TOLERANCE,
+                rank_floor: float | None = None) -> dict[str, Path]:
     """Write FOLDER/model.int8.onnx beside the run's fp32 export in FOLDER and record it in
-    FOLDER/model.json, if and only if its validation AUC is within `tolerance` of the fp32 export's."""
+    FOLDER/model.json, if and only if its validation AUC is within `tolerance` of the fp32 export's
+    and it orders each class's validation images as the fp32 export does (`rank_floor`)."""
+    rank_floor = RANK_FLOOR if rank_floor is None else rank_floor
     checkpoint = load_checkpoint(run)
     pre = checkpoint.preprocessing
     split = read_split(run, checkpoint.split_sha256)
@@ -192,6 +229,14 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
             raise XferlearnError(f"int8 quantisation moved validation AUC by {difference:+.4f} ({fp32_point['auc']:.4f}"
                                  f" -> {int8_point['auc']:.4f}), more than {tolerance}; it was not kept. "
                                  "Use the fp32 export (--engine onnx).")
+        agreement = rank_agreement(val_y, p32, p8, classes, RANK_MIN_IMAGES)
+        worst = min(agreement, key=agreement.get, default=None)
+        if worst is not None and agreement[worst] < rank_floor:
+            raise XferlearnError(f"int8 quantisation reorders the validation images within a class (rank correlation "
+                                 f"with the fp32 model {agreement[worst]:.3f} for {worst}, below {rank_floor}): on "
+                                 "images from elsewhere, where the classes overlap, such a model ranks worse, which a "
+                                 "validation AUC near 1 cannot show; it was not kept. Use the fp32 export "
+                                 "(--engine onnx).")
         int8.threshold = threshold
         decisions_32, decisions_8 = fp32.decide(p32), int8.decide(p8)
         try:
@@ -209,6 +254,9 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         "calibration": calibration_source + "; never validation or test images",
         "validation": {"images": len(val_y), "auc_tolerance": tolerance, "auc_difference": difference,
                        "fp32": fp32_point, "int8": int8_point,
+                       "rank_agreement": agreement, "rank_floor": rank_floor,
+                       "rank_note": "" if agreement else f"not measured: no class has {RANK_MIN_IMAGES} "
+                                                          "validation images",
                        "same_decision": float(np.mean(decisions_32 == decisions_8)),
                        "max_abs_probability_difference": float(np.abs(p8 - p32).max())},
     }
