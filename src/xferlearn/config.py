@@ -57,6 +57,9 @@ GRAYSCALE_LINEAR_VIEWS = (0.25, "noise")
 # better than Lite0 alone (AUC 0.960 against 0.944, paired 95% CI of the gain +0.010 to +0.022),
 # where every random split read 0.999 (benchmarks/RESULTS.md, session 5). It costs about 3.6x
 # Lite0's time; `--backbone efficientnet_lite0` is the fast choice. A fine-tune trains one network.
+# Each member runs at its own weights' input size (224, 240, 260) even on 224 px images: all at 224
+# ranked held-out images worse (-0.0059, 95% CI -0.0104 to -0.0017) for 16% fewer multiply-adds,
+# all at 260 no better (-0.0008, -0.0042 to +0.0024; session 11).
 DEFAULT_BACKBONE = {"linear": "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2",
                     "finetune": "efficientnet_lite0"}
 # Test-time augmentation unless --tta/--no-tta says otherwise: the fine-tune's threshold is chosen
