@@ -102,6 +102,9 @@ def test_rank_agreement_sees_reordering_within_a_class():
     agreement = rank_agreement(y, p32, np.stack([1 - shuffled, shuffled], axis=1), ["a", "b"])
     assert max(agreement.values()) < 0.5
     assert rank_agreement(y, p32, p32, ["a", "b"], min_images=41) == {}  # too few a class to say anything
+    flat = np.full((80, 2), 0.5)  # a model that lost every order agrees with none; two that have none, agree
+    assert rank_agreement(y, p32, flat, ["a", "b"]) == {"a": 0.0, "b": 0.0}
+    assert rank_agreement(y, flat, flat.copy(), ["a", "b"]) == {"a": 1.0, "b": 1.0}
     # Three classes: each class's images, scored by the other classes' probability.
     y3 = np.repeat([0, 1, 2], 30)
     p3 = rng.dirichlet(np.ones(3), 90)

@@ -23,8 +23,8 @@ where the threshold was chosen with it). The int8 model is kept only when its AU
 within `AUC_TOLERANCE` of the fp32 export's and, within each class, it orders the images
 as the fp32 export does (rank correlation at least `RANK_FLOOR`: a validation AUC near 1 is
 blind to reordering that costs AUC where classes overlap); otherwise nothing is written and
-the error says so. Its scores are not the fp32 ones, so it gets its own threshold, chosen on its own
-validation probabilities by the checkpoint's rule; the sidecar (`model.json`, key `int8`)
+the error says so. Its scores are not the fp32 ones, so it gets its own threshold, chosen on
+its own validation probabilities by the checkpoint's rule; the sidecar (`model.json`, key `int8`)
 records both operating points, the agreement of their decisions, and the calibration.
 """
 
@@ -168,8 +168,11 @@ def rank_agreement(y: np.ndarray, p32: np.ndarray, p8: np.ndarray, classes: list
     for k, name in enumerate(classes):
         rows, others = y == k, [j for j in range(len(classes)) if j != k]
         if rows.sum() >= min_images:
-            rho = spearmanr(p32[rows][:, others].sum(axis=1), p8[rows][:, others].sum(axis=1)).statistic
-            agreement[name] = 1.0 if np.isnan(rho) else float(rho)  # nan: every score tied in one of them
+            a, b = p32[rows][:, others].sum(axis=1), p8[rows][:, others].sum(axis=1)
+            if np.ptp(a) == 0 or np.ptp(b) == 0:  # no order in one of them: agreement only if neither has any
+                agreement[name] = float(np.ptp(a) == np.ptp(b) == 0)
+            else:
+                agreement[name] = float(spearmanr(a, b).statistic)
     return agreement
 
 
