@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import file_sha256, os_error, read_json, write_json
+from ..config import MIN_VAL_PER_CLASS
 from ..data.folders import expand_paths
 from ..data.contrast import equalize
 from ..data.images import Preprocessing, UnreadableImage, decode_file
@@ -57,7 +58,7 @@ AUC_TOLERANCE = 0.002  # the most the validation AUC may move for the int8 model
 # (95% CI -0.0017 to +0.0003; session 11, benchmarks/RESULTS.md). The floor lies between; no int8
 # model measured here has passed it.
 RANK_FLOOR = 0.98
-RANK_MIN_IMAGES = 20  # per class: fewer, and a rank correlation says little (config.MIN_VAL_PER_CLASS)
+RANK_MIN_IMAGES = MIN_VAL_PER_CLASS  # per class: fewer, and a rank correlation says little
 CALIBRATION_IMAGES = 256
 _METHOD = ("static, QDQ; weights int8 per output channel, activations uint8 (MinMax ranges, moving average); "
            "classifier in float")
@@ -186,12 +187,10 @@ def _figures(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: fl
 
 
 def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = None,
-                n_calibration: int = CALIBRATION_IMAGES, tolerance: float = AUC_TOLERANCE,
-                rank_floor: float | None = None) -> dict[str, Path]:
+                n_calibration: int = CALIBRATION_IMAGES, tolerance: float = AUC_TOLERANCE) -> dict[str, Path]:
     """Write FOLDER/model.int8.onnx beside the run's fp32 export in FOLDER and record it in
     FOLDER/model.json, if and only if its validation AUC is within `tolerance` of the fp32 export's
-    and it orders each class's validation images as the fp32 export does (`rank_floor`)."""
-    rank_floor = RANK_FLOOR if rank_floor is None else rank_floor
+    and it orders each class's validation images as the fp32 export does (`RANK_FLOOR`)."""
     checkpoint = load_checkpoint(run)
     pre = checkpoint.preprocessing
     split = read_split(run, checkpoint.split_sha256)
@@ -235,9 +234,9 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
                                  "Use the fp32 export (--engine onnx).")
         agreement = rank_agreement(val_y, p32, p8, classes, RANK_MIN_IMAGES)
         worst = min(agreement, key=agreement.get, default=None)
-        if worst is not None and agreement[worst] < rank_floor:
+        if worst is not None and agreement[worst] < RANK_FLOOR:
             raise XferlearnError(f"int8 quantisation reorders the validation images within a class (rank correlation "
-                                 f"with the fp32 model {agreement[worst]:.3f} for {worst}, below {rank_floor}): on "
+                                 f"with the fp32 model {agreement[worst]:.3f} for {worst}, below {RANK_FLOOR}): on "
                                  "images from elsewhere, where the classes overlap, such a model ranks worse, which a "
                                  "validation AUC near 1 cannot show; it was not kept. Use the fp32 export "
                                  "(--engine onnx).")
@@ -258,7 +257,7 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         "calibration": calibration_source + "; never validation or test images",
         "validation": {"images": len(val_y), "auc_tolerance": tolerance, "auc_difference": difference,
                        "fp32": fp32_point, "int8": int8_point,
-                       "rank_agreement": agreement, "rank_floor": rank_floor,
+                       "rank_agreement": agreement, "rank_floor": RANK_FLOOR,
                        "rank_note": "" if agreement else f"not measured: no class has {RANK_MIN_IMAGES} "
                                                           "validation images",
                        "same_decision": float(np.mean(decisions_32 == decisions_8)),
