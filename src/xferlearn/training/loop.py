@@ -139,18 +139,23 @@ def train_loader(dataset, y: np.ndarray, config: TrainConfig, num_classes: int, 
 
 
 def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run: Path, *, stage: str = "",
-        max_epochs: int | None = None, callbacks: list | None = None, **trainer_kwargs) -> dict:
+        max_epochs: int | None = None, callbacks: list | None = None, keep: str = "best", **trainer_kwargs) -> dict:
     """Lightning fit with best-by-validation-AUC selection and resumption from last.ckpt.
 
     A recipe with several fits names each `stage`: its checkpoints go to RUN/lightning/STAGE
     and its log to RUN/logs/STAGE/metrics.csv (no stage: RUN/lightning, RUN/logs). Without
-    `val_data` nothing is selected: the fit runs its epochs and keeps the last weights (an
-    epoch count chosen beforehand, on out-of-fold predictions)."""
+    `val_data`, or with `keep="last"`, nothing is selected: the fit runs its epochs and keeps
+    the last weights (an epoch count chosen beforehand, on out-of-fold predictions; or an
+    ensemble's member, linear.py), validating each epoch where `val_data` is given."""
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', not {keep!r}")
+    select = val_data is not None and keep == "best"
     run = RunDir(run)
     # No "-v1" copies: a checkpoint name means one thing; an earlier attempt's are cleared or refused (checkpoints.py).
+    # best.ckpt only where an epoch is chosen; last.ckpt always (resumption, and the weights kept otherwise).
     checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", save_last=True,
-                                  enable_version_counter=False,
-                                  **(dict(monitor="val_auc", mode="max") if val_data is not None else {}))
+                                  enable_version_counter=False, save_top_k=1 if select else 0,
+                                  **(dict(monitor="val_auc", mode="max") if select else {}))
     identity = stored_identity(run.root)
     last = run.lightning(stage) / "last.ckpt"
     history = run.history(stage)
@@ -172,7 +177,13 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     trainer.strategy.barrier()  # rank 0 has written the checkpoints every rank reads next
     if earlier and trainer.is_global_zero:
         keep_earlier_history(history, earlier)
-    best_path = checkpoints.best_model_path if val_data is not None else ""
+    if not select:
+        last_auc = trainer.callback_metrics.get("val_auc") if val_data is not None else None
+        if last_auc is None and val_data is not None:  # resumed after its last epoch: none ran in this call
+            last_auc = next((row["val_auc"] for row in reversed(read_history(history)) if row.get("val_auc")), None)
+        return {"kept": "the last epoch", "last_epoch_val_auc": None if last_auc is None else float(last_auc),
+                "epochs_run": trainer.current_epoch}
+    best_path = checkpoints.best_model_path
     if best_path:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)

@@ -1,0 +1,63 @@
+"""The shared training loop's choice of weights: the best epoch by validation AUC, or the last
+epoch (an ensemble's members), validated either way."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from xferlearn.config import TrainConfig
+from xferlearn.rundir import RunDir, read_history
+from xferlearn.training.linear import ArrayRows, FeatureRowsDataset
+from xferlearn.training.loop import ClassifierModule, fit, train_loader
+
+EPOCHS = 5
+
+
+def fit_a_head(run, keep, resume=False):
+    """A head whose validation labels are unrelated to what it learns, so validation AUC wanders
+    from epoch to epoch and the best epoch is not the last."""
+    rng = np.random.default_rng(0)
+    x, x_val = rng.normal(size=(200, 8)), rng.normal(size=(60, 8))
+    y, y_val = (x[:, 0] > 0).astype(np.int64), rng.integers(0, 2, 60)
+    config = TrainConfig(data=str(run), epochs=EPOCHS, resume=resume)
+    head = torch.nn.Linear(8, 2)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    module = ClassifierModule(head, ["NORMAL", "PNEUMONIA"], lr=0.05, weight_decay=0.0, epochs=EPOCHS)
+    train = train_loader(FeatureRowsDataset(ArrayRows(x), y, None, None), y, config, 2, batch_size=32)
+    val = DataLoader(FeatureRowsDataset(ArrayRows(x_val), y_val, None, None), batch_size=64)
+    record = fit(module, train, val, config, run, keep=keep, accelerator="cpu", devices=1,
+                 enable_progress_bar=False)
+    aucs = [float(row["val_auc"]) for row in read_history(RunDir(run).history()) if row.get("val_auc")]
+    return record, head.weight.detach().clone(), aucs
+
+
+def saved_weight(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]["net.weight"]
+
+
+def test_the_best_epoch_or_the_last_is_kept_and_recorded(tmp_path):
+    best, best_weight, aucs = fit_a_head(tmp_path / "best", "best")
+    last, last_weight, last_aucs = fit_a_head(tmp_path / "last", "last")
+    assert len(aucs) == EPOCHS and aucs == last_aucs  # the same trajectory, validated in both
+    assert int(np.argmax(aucs)) != EPOCHS - 1  # else the two choices below could not differ
+    assert best["best_epoch_val_auc"] == pytest.approx(max(aucs))
+    assert torch.equal(best_weight, saved_weight(tmp_path / "best/lightning/best.ckpt"))
+    assert last["kept"] == "the last epoch" and last["epochs_run"] == EPOCHS
+    assert last["last_epoch_val_auc"] == pytest.approx(aucs[-1])
+    assert torch.equal(last_weight, saved_weight(tmp_path / "last/lightning/last.ckpt"))
+    assert not (tmp_path / "last/lightning/best.ckpt").exists()  # no file names a choice never made
+    assert not torch.equal(best_weight, last_weight)
+
+
+def test_a_finished_fit_resumed_keeps_its_last_epoch_and_its_record(tmp_path):
+    first, weight, aucs = fit_a_head(tmp_path, "last")
+    again, weight_again, _ = fit_a_head(tmp_path, "last", resume=True)  # no epoch left to run
+    assert again["last_epoch_val_auc"] == pytest.approx(aucs[-1]) == pytest.approx(first["last_epoch_val_auc"])
+    assert torch.equal(weight_again, weight)
+
+
+def test_an_unknown_choice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep must be"):
+        fit(None, None, None, TrainConfig(data=str(tmp_path)), tmp_path, keep="median")
