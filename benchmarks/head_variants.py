@@ -9,9 +9,10 @@ training views, of its validation images and of HELD_OUT's images come from the 
 as training computes them (from RUN's cache, so seconds where it is still there). Then, per
 variant and seed, every member's head is trained again by a plain loop that mirrors
 training/linear.py's `train_head` (standardised features, zero start, AdamW, a cosine over the
-epochs, class-weighted cross-entropy, batches of 128, the epoch with the best validation AUC)
-with one thing changed; an ensemble's logits are the mean of its members'. Variants, joined
-with `+`: `base`; `last` (the last epoch, not the best); `swa=N` (the mean of the last N
+epochs, class-weighted cross-entropy, batches of 128) with one thing changed; an ensemble's
+logits are the mean of its members'. Variants, joined with `+`: `base` (each head at its
+epoch with the best validation AUC, as every member was until session 12 and a single network
+still is); `last` (the last epoch: an ensemble's members now); `swa=N` (the mean of the last N
 epochs' weights); `wd=X` (AdamW weight decay); `ls=X` (label smoothing); `mix=A` (mixup of
 standardised features, Beta(A, A)); `drop=P` (dropout on the features); `epochs=N`; `lr=X`;
 `cw=X` (class weights to the power X: 0 is none); `teach=T` (distillation: every member learns
