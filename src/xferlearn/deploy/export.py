@@ -137,8 +137,12 @@ def _export_onnx(module, example, check, target: Path) -> tuple[str, np.ndarray]
     external = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > _PROTOBUF_LIMIT
     names = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     try:  # the torch.export-based exporter: PyTorch's supported path
-        torch.onnx.export(module, (example,), str(target), dynamo=True, external_data=external, verbose=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        with warnings.catch_warnings():
+            # torch 2.11's torch.export copies pytree specs through a deprecated check; the notice
+            # reached `xferlearn export` users (seen on the H200 machine, session 13).
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            torch.onnx.export(module, (example,), str(target), dynamo=True, external_data=external, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
         exporter = "torch.onnx.export (torch.export-based)"
     except Exception as error:  # some models trace only with the older TorchScript-based exporter
         log.warning("the torch.export-based ONNX exporter failed (%s); using the TorchScript-based one",
