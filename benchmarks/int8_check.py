@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble import paired_auc_difference  # benchmarks/ensemble.py, beside this file
+from ensemble import paired_auc_cell  # benchmarks/ensemble.py, beside this file
 from xferlearn.data.folders import expand_paths
 from xferlearn.deploy import quantize
 from xferlearn.deploy.export import ensure_onnx
@@ -124,11 +124,8 @@ def main() -> int:
         valid = compute_metrics(y_val, p_val, classes, threshold, "Youden's J on validation", positive)
         held = compute_metrics(y_held, p_held, classes, threshold, "Youden's J on validation", positive)
         ranks = quantize.rank_agreement(y_val, p32_val, p_val, classes)
-        versus = ""
-        if name != "fp32":
-            diff, interval, wins = paired_auc_difference((y_held == positive).astype(int), p_held[:, positive],
-                                                         p32_held[:, positive], args.boot)
-            versus = f"{diff:+.4f} ({interval[0]:+.4f} to {interval[1]:+.4f}), {wins:.0%}"
+        versus = "" if name == "fp32" else paired_auc_cell((y_held == positive).astype(int), p_held[:, positive],
+                                                            p32_held[:, positive], args.boot)
         print(f"| {name} | {valid['auc']:.4f} | {', '.join(f'{k} {v:.3f}' for k, v in ranks.items())} | "
               f"{held['auc']:.4f} | {versus} | {held['sensitivity']:.4f} | {held['specificity']:.4f} | "
               f"{threshold:.3f} | {speed[name]:.0f} |", flush=True)

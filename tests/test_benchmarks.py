@@ -1,6 +1,6 @@
 """A benchmark that benchmarks/RESULTS.md quotes runs on the library as it is now
 (benchmarks/conflict_linear.py stopped running after the feature store changed, unnoticed).
-Only head_variants.py and int8_check.py are covered here so far; the other benchmarks have no such test."""
+Covered: head_variants.py, int8_check.py, crossfit_epochs.py; the other benchmarks have no such test yet."""
 
 import shutil
 import subprocess
@@ -34,3 +34,19 @@ def test_int8_check_compares_int8_with_fp32(tiny_run, tiny_data, tmp_path):
     width = 8 if "VNNI or AMX: True" in done.stdout else 7  # `auto`: the width the export uses on this CPU
     assert rows[1:] == ["fp32", f"int8, {width}-bit weights (auto)", "int8, 7-bit weights (7)"]
     assert (run / "export" / "model.onnx").is_file() and not (run / "export" / "model.int8.onnx").exists()
+
+
+def test_crossfit_epochs_compares_three_policies(tmp_path):
+    import xferlearn
+    from conftest import TINY, make_folder
+
+    data = make_folder(tmp_path / "data", per_class=20)
+    run = xferlearn.train(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                          **{**TINY, "backbone": "resnet18+resnet10t", "epochs": 3}).run_dir
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "crossfit_epochs.py"), str(run), str(data),
+                           "--images", "24", "--subsets", "0", "--boot", "20"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 0 |")]
+    assert [row[2].strip() for row in rows] == ["member", "shared", "last"]
+    assert rows[2][3].strip() == "3, 3" and all("(" in row[10] for row in rows[1:])

@@ -36,6 +36,21 @@ def test_small_data_is_cross_fitted_then_refitted_on_every_image(tmp_path, capsy
     assert (result.run_dir / "logs" / "cv" / "fold5" / "metrics.csv").exists()
 
 
+def test_an_ensembles_members_keep_their_last_epoch_when_cross_fitted(tmp_path, capsys):
+    """Each member is cross-fitted for its out-of-fold logits and curves, but none chooses its own
+    epoch count: all keep the full --epochs, as with a held-out split."""
+    data = make_folder(tmp_path / "d", classes=("ants", "bees"), per_class=12, patients=False)
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"),
+                             **{**TINY, "backbone": "resnet18+resnet10t", "epochs": 4, "cv": 3})
+    assert "an ensemble's member keeps the last" in _said(capsys)
+    members = load_checkpoint(result.run_dir).metrics["selection"]["members"]
+    assert len(members) == 2
+    for member in members:
+        assert member["kept"] == "the last epoch" and member["chosen_epochs"] == 4
+        assert round(member["last_epoch_val_auc"], 5) == member["out_of_fold_auc_by_epoch"][-1]
+        assert "best_epoch_val_auc" not in member
+
+
 def test_cross_fitting_groups_by_patient_where_there_are_patients(tmp_path, capsys):
     data = make_folder(tmp_path / "d", per_class=12)
     xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**TINY, "cv": 3})
