@@ -35,12 +35,11 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ensemble import paired_auc_cell  # benchmarks/ensemble.py, beside this file
-from head_variants import member_features  # benchmarks/head_variants.py, beside this file
+from head_variants import member_features, parse, train_head  # benchmarks/head_variants.py, beside this file
 from xferlearn.config import CV_FOLDS, TrainConfig
 from xferlearn.evaluation.metrics import compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold
@@ -49,33 +48,13 @@ from xferlearn.rundir import RunDir
 from xferlearn.training.crossfit import choose_epoch
 
 
-def fit(x, y, scored: list[np.ndarray], config: TrainConfig, stop: int, seed: int) -> list[np.ndarray]:
-    """Train a zero-started linear head on standardised (x, y) for `stop` epochs of a cosine over
-    `config.epochs`; the logits of each array in `scored` after every epoch, (stop, N, 2) each."""
-    mean, std = x.mean(0), x.std(0)
-    std = np.maximum(std, 0.1 * std.mean() + 1e-12)
-    z = lambda rows: torch.from_numpy(((rows - mean) / std).astype(np.float32))  # noqa: E731
-    xs, ys = z(x), torch.from_numpy(y).long()
-    weight = torch.tensor(len(y) / (2 * np.bincount(y, minlength=2)), dtype=torch.float32)
-    head = torch.nn.Linear(xs.shape[1], 2)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    generator = torch.Generator().manual_seed(seed)
-    targets = [z(rows) for rows in scored]
-    out = [[] for _ in scored]
-    for _ in range(stop):
-        for batch in torch.randperm(len(xs), generator=generator).split(config.batch_size):
-            loss = F.cross_entropy(head(xs[batch]), ys[batch], weight=weight)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for k, rows in enumerate(targets):
-                out[k].append(head(rows).numpy())
-    return [np.stack(logits) for logits in out]
+def per_epoch(train, val, held, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Validation and held-out logits after every epoch, (epochs, N, 2) each, of a head trained on
+    `train` for the run's full `--epochs` by head_variants.py's loop (a refit stopped at epoch e on
+    the same cosine schedule computes what this one has after epoch e)."""
+    trace = []
+    train_head(train, val, held, parse("last", config), config.seed, trace=trace)
+    return np.stack([v for v, _ in trace]), np.stack([h for _, h in trace])
 
 
 def auc_of(y: np.ndarray, logits: np.ndarray, positive: int) -> float:
@@ -119,9 +98,10 @@ def main() -> int:
             x = x_train[:n_clean][picked]
             member_oof = np.zeros((config.epochs, len(y), 2), dtype=np.float32)
             for inside, outside in folds:
-                member_oof[:, outside] = fit(x[inside], y[inside], [x[outside]], config, config.epochs, config.seed)[0]
+                member_oof[:, outside] = per_epoch((x[inside], y[inside]), (x[outside], y[outside]),
+                                                   (x[outside], None), config)[0]
             oof.append(member_oof)
-            held_by_count.append(fit(x, y, [x_held], config, config.epochs, config.seed)[0])  # every count's refit
+            held_by_count.append(per_epoch((x, y), (x, y), (x_held, None), config)[1])  # every count's refit
         member_counts = [choose_epoch(m, y, positive)[0] for m in oof]  # crossfit.py's own rule
         shared = choose_epoch(np.mean(oof, 0), y, positive)[0]
         policies = {"member": member_counts, "shared": [shared] * len(members),

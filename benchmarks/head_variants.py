@@ -20,9 +20,10 @@ the soft targets, at temperature T, of the ensemble of `last` heads on the train
 each member's column shows what a single network distilled from the ensemble ranks).
 
 Prints, per variant and seed, the validation and held-out AUC, accuracy, sensitivity and
-specificity at the threshold chosen on validation (Youden's J), each member's held-out AUC,
-and the paired bootstrap difference in held-out AUC against `--against` (default `base`) at the
-same seed.
+specificity at the threshold chosen on validation (Youden's J, the library's `choose_threshold`
+and `compute_metrics` on the softmax of the mean logits), each member's held-out AUC, and the
+paired stratified-bootstrap difference in held-out AUC against `--against` (default `base`) at
+the same seed (benchmarks/ensemble.py's `paired_auc_difference`, as compare_runs.py reports it).
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
+from ensemble import paired_auc_cell  # benchmarks/ensemble.py, beside this file
 from xferlearn.config import TrainConfig
 from xferlearn.data.folders import find_layout, scan
 from xferlearn.data.images import DecodeCache
+from xferlearn.evaluation.metrics import compute_metrics
+from xferlearn.evaluation.thresholds import choose_threshold
 from xferlearn.models.backbones import create_model
 from xferlearn.models.checkpoint import load_checkpoint
 from xferlearn.models.ensemble import Ensemble, member_names
@@ -98,9 +102,11 @@ def member_features(run: str, held_out: str):
     return out, checkpoint.positive_index
 
 
-def train_head(train, val, held, options: dict, seed: int, teacher: torch.Tensor | None = None):
+def train_head(train, val, held, options: dict, seed: int, teacher: torch.Tensor | None = None,
+               trace: list | None = None):
     """Validation, held-out and training-row logits of one member's head, trained as the
-    variant says (`teacher`: logits on the training rows to distil from, with `teach=T`)."""
+    variant says (`teacher`: logits on the training rows to distil from, with `teach=T`; `trace`:
+    a list that gets the (validation, held-out) logits after every epoch)."""
     (x, y), (x_val, y_val), (x_held, _) = train, val, held
     mean, std = x.mean(0), x.std(0)
     std = np.maximum(std, 0.1 * std.mean() + 1e-12)
@@ -143,6 +149,8 @@ def train_head(train, val, held, options: dict, seed: int, teacher: torch.Tensor
             averaged.append(state)
         with torch.no_grad():
             auc = roc_auc_score(y_val, head(xv).softmax(1)[:, 1].numpy())
+            if trace is not None:
+                trace.append((head(xv).numpy(), head(z(x_held)).numpy()))
         if auc > best:
             best, kept = auc, state
     if averaged:
@@ -151,12 +159,6 @@ def train_head(train, val, held, options: dict, seed: int, teacher: torch.Tensor
         head.load_state_dict(kept)
     with torch.no_grad():
         return head(xv).numpy(), head(z(x_held)).numpy(), head(xs)
-
-
-def figures(y, score, threshold) -> dict:
-    predicted = score >= threshold
-    return {"auc": roc_auc_score(y, score), "accuracy": float((predicted == y).mean()),
-            "sensitivity": float(predicted[y == 1].mean()), "specificity": float(1 - predicted[y == 0].mean())}
 
 
 def main() -> int:
@@ -172,17 +174,16 @@ def main() -> int:
     members, positive = member_features(args.run, args.held_out)
     if positive is None:
         sys.exit("head_variants: a binary run is needed (AUC of the positive class)")
-    config = TrainConfig.from_dict(load_checkpoint(args.run).config)
+    checkpoint = load_checkpoint(args.run)
+    config, classes = TrainConfig.from_dict(checkpoint.config), checkpoint.classes
     (x_train, _), (_, y_val), (_, y_held) = members[0]
-    y_val, y_held = (y_val == positive).astype(int), (y_held == positive).astype(int)
-    margin = lambda logits: logits[:, positive] - logits[:, 1 - positive]  # noqa: E731
-    resamples = np.random.default_rng(0).integers(0, len(y_held), (args.boot, len(y_held)))
-    boot = lambda score: np.array([roc_auc_score(y_held[r], score[r]) for r in resamples])  # noqa: E731
+    is_pos_val = (y_val == positive).astype(int)
     print(f"training rows (views included): {len(x_train)}; validation: {len(y_val)} images; held out: "
-          f"{len(y_held)} images ({y_held.sum()} positive)\n")
+          f"{len(y_held)} images ({(y_held == positive).sum()} positive)\n")
     print(f"| variant | seed | validation AUC | held-out AUC | accuracy | sensitivity | specificity | members' "
           f"held-out AUC | AUC - {args.against} (95% CI), ahead in |\n|---|---|---|---|---|---|---|---|---|")
-    base_scores = {}
+    probabilities = lambda logits: torch.softmax(torch.as_tensor(logits), 1).numpy()  # noqa: E731
+    reference = {}
     for variant in args.variants.split(","):
         options = parse(variant, config)
         for seed in map(int, args.seeds.split(",")):
@@ -191,20 +192,21 @@ def main() -> int:
                 taught = parse("last", config)
                 teacher = torch.stack([train_head(*member, taught, seed)[2] for member in members]).mean(0)
             logits = [train_head(*member, options, seed, teacher)[:2] for member in members]
-            val_score, held_score = (margin(np.mean([pair[k] for pair in logits], 0)) for k in (0, 1))
-            fpr, tpr, thresholds = roc_curve(y_val, val_score)
-            held_figures = figures(y_held, held_score, thresholds[np.argmax(tpr - fpr)])
+            val_probs, held_probs = (probabilities(np.mean([pair[k] for pair in logits], 0)) for k in (0, 1))
+            # The ensemble's rule: Youden's J on the validation probabilities of the mean logits.
+            threshold = choose_threshold(is_pos_val, val_probs[:, positive], "youden")
+            held = compute_metrics(y_held, held_probs, classes, threshold, "Youden's J on validation", positive)
             versus = ""
             if variant == args.against:
-                base_scores[seed] = (held_figures["auc"], boot(held_score))
-            elif seed in base_scores:
-                difference = boot(held_score) - base_scores[seed][1]
-                versus = (f"{held_figures['auc'] - base_scores[seed][0]:+.4f} ({np.percentile(difference, 2.5):+.4f} "
-                          f"to {np.percentile(difference, 97.5):+.4f}), {np.mean(difference > 0):.0%}")
-            members_auc = ", ".join(f"{roc_auc_score(y_held, margin(held)):.4f}" for _, held in logits)
-            print(f"| {variant} | {seed} | {roc_auc_score(y_val, val_score):.4f} | {held_figures['auc']:.4f} | "
-                  f"{held_figures['accuracy']:.4f} | {held_figures['sensitivity']:.4f} | "
-                  f"{held_figures['specificity']:.4f} | {members_auc} | {versus} |", flush=True)
+                reference[seed] = held_probs[:, positive]
+            elif seed in reference:
+                versus = paired_auc_cell((y_held == positive).astype(int), held_probs[:, positive], reference[seed],
+                                         args.boot)
+            members_auc = ", ".join(f"{roc_auc_score(y_held == positive, probabilities(h)[:, positive]):.4f}"
+                                    for _, h in logits)
+            print(f"| {variant} | {seed} | {roc_auc_score(is_pos_val, val_probs[:, positive]):.4f} | "
+                  f"{held['auc']:.4f} | {held['accuracy']:.4f} | {held['sensitivity']:.4f} | "
+                  f"{held['specificity']:.4f} | {members_auc} | {versus} |", flush=True)
     return 0
 
 
