@@ -10,7 +10,7 @@ from conftest import TINY, make_folder, synthetic_image
 import xferlearn
 from xferlearn.errors import XferlearnError
 from xferlearn.models.checkpoint import load_checkpoint
-from xferlearn.training.crossfit import choose_epoch
+from xferlearn.training.crossfit import choose_epoch, crossfit_head
 
 
 def _said(capsys) -> str:
@@ -49,6 +49,8 @@ def test_an_ensembles_members_keep_their_last_epoch_when_cross_fitted(tmp_path, 
         assert member["kept"] == "the last epoch" and member["chosen_epochs"] == 4
         assert round(member["last_epoch_val_auc"], 5) == member["out_of_fold_auc_by_epoch"][-1]
         assert "best_epoch_val_auc" not in member
+    with pytest.raises(ValueError, match="keep must be 'best' or 'last'"):
+        crossfit_head(None, None, None, "", "", None, tmp_path, 3, None, keep="first")
 
 
 def test_cross_fitting_groups_by_patient_where_there_are_patients(tmp_path, capsys):

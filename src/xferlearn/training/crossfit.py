@@ -70,7 +70,8 @@ def choose_epoch(logits_by_epoch: np.ndarray, y: np.ndarray, positive: int | Non
 
 
 def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, weights_tag: str, preprocessing,
-                  run: Path, k: int, positive: int | None, stage: str = "", keep: str = "best") -> tuple[dict, np.ndarray]:
+                  run: Path, k: int, positive: int | None, stage: str = "",
+                  keep: str = "best") -> tuple[dict, np.ndarray]:
     """Cross-fit the linear head on every image of `manifest`; refit it on all of them for the
     epoch count with the best out-of-fold AUC (`keep="last"`: all `config.epochs`). An ensemble
     cross-fits each member's head, each keeping its last epoch; its out-of-fold logits are their mean.
