@@ -23,7 +23,8 @@ every epoch, the chosen count refitted on the whole subset on the same cosine sc
 `--epochs`), the threshold by Youden's J on the out-of-fold probabilities of the mean logits.
 Prints, per subset and policy, the counts chosen, the out-of-fold AUC, and on HELD_OUT the AUC,
 accuracy, sensitivity and specificity at that threshold, with the paired stratified-bootstrap
-difference in AUC against `member`.
+difference in AUC against `member`; then each member alone, as a single network cross-fitted on
+the subset would be: held-out AUC at its own count and at the last epoch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from xferlearn.config import CV_FOLDS, TrainConfig
 from xferlearn.evaluation.metrics import compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold
 from xferlearn.models.checkpoint import load_checkpoint
+from xferlearn.models.ensemble import member_names
 from xferlearn.rundir import RunDir
 from xferlearn.training.crossfit import choose_epoch
 
@@ -85,6 +87,7 @@ def main() -> int:
     print(f"{len(members)} members; {n_clean} training images to draw from; held out: {len(y_held)} images\n")
     print("| subset | policy | epochs chosen | out-of-fold AUC | held-out AUC | accuracy | sensitivity | specificity | "
           "threshold | AUC - member (95% CI), ahead in |\n|---|---|---|---|---|---|---|---|---|---|")
+    names, alone = member_names(checkpoint.arch), []
     for subset in map(int, args.subsets.split(",")):
         rng = np.random.default_rng(subset)
         share = args.images / n_clean
@@ -120,6 +123,16 @@ def main() -> int:
             print(f"| {subset} | {policy} | {', '.join(str(e + 1) for e in counts)} | "
                   f"{auc_of(y, oof_logits, positive):.4f} | {held['auc']:.4f} | {held['accuracy']:.4f} | "
                   f"{held['sensitivity']:.4f} | {held['specificity']:.4f} | {threshold:.3f} | {versus} |", flush=True)
+        for name, count, held_logits in zip(names, member_counts, held_by_count):  # each member as a single network
+            own, last = (torch.softmax(torch.from_numpy(held_logits[e]), 1).numpy()[:, positive]
+                         for e in (count, config.epochs - 1))
+            alone.append(f"| {subset} | {name} | {count + 1} | {roc_auc_score(y_held == positive, own):.4f} | "
+                         f"{roc_auc_score(y_held == positive, last):.4f} | "
+                         f"{paired_auc_cell((y_held == positive).astype(int), last, own, args.boot)} |")
+    print("\nEach member alone, as a single network cross-fitted on the subset (its own count, as built, "
+          "against all the epochs):\n\n| subset | member | own count | held-out AUC, own count | at the last epoch | "
+          "last - own (95% CI), ahead in |\n|---|---|---|---|---|---|")
+    print("\n".join(alone))
     return 0
 
 

@@ -48,5 +48,6 @@ def test_crossfit_epochs_compares_three_policies(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 0 |")]
-    assert [row[2].strip() for row in rows] == ["member", "shared", "last"]
-    assert rows[2][3].strip() == "3, 3" and all("(" in row[10] for row in rows[1:])
+    assert [row[2].strip() for row in rows] == ["member", "shared", "last", "resnet18", "resnet10t"]
+    assert rows[2][3].strip() == "3, 3" and all("(" in row[10] for row in rows[1:3])
+    assert all("(" in row[6] for row in rows[3:])  # each member alone: last epoch against its own count
