@@ -96,20 +96,15 @@ def main() -> int:
     folder = ensure_onnx(args.run)
     fp32 = OnnxPredictor(folder, threads=args.threads)
     models = [("fp32", fp32)]
-    scratch = Path(tempfile.mkdtemp(prefix="int8-check-"))
-    for bits in args.bits.split(","):
-        vnni = {"auto": quantize.cpu_has_vnni(), "7": False, "8": True}.get(bits)
-        if vnni is None:
-            sys.exit(f"int8_check: --bits takes auto, 7 or 8, not {bits!r}")
-        target = scratch / f"int8-{bits}.onnx"
-        original = quantize.cpu_has_vnni
-        quantize.cpu_has_vnni = lambda vnni=vnni: vnni  # the weight width quantize_onnx picks from the CPU
-        try:
-            quantize.quantize_onnx(folder / "model.onnx", target, calibration, INPUT_NAME)
-        finally:
-            quantize.cpu_has_vnni = original
-        models.append((f"int8, {8 if vnni else 7}-bit weights ({bits})",
-                       OnnxPredictor(folder, threads=args.threads, model_file=target)))
+    with tempfile.TemporaryDirectory(prefix="int8-check-") as scratch:  # ONNX Runtime holds each model once loaded
+        for bits in args.bits.split(","):
+            seven_bit = {"auto": not quantize.cpu_has_vnni(), "7": True, "8": False}.get(bits)
+            if seven_bit is None:
+                sys.exit(f"int8_check: --bits takes auto, 7 or 8, not {bits!r}")
+            target = Path(scratch) / f"int8-{bits}.onnx"
+            quantize.quantize_onnx(folder / "model.onnx", target, calibration, INPUT_NAME, seven_bit=seven_bit)
+            models.append((f"int8, {7 if seven_bit else 8}-bit weights ({bits})",
+                           OnnxPredictor(folder, threads=args.threads, model_file=target)))
 
     scored = {name: (quantize._probabilities(m, val_images), quantize._probabilities(m, held_images))
               for name, m in models}

@@ -117,8 +117,9 @@ CALIBRATION_BATCH = 8
 
 
 def quantize_onnx(fp32: Path, target: Path, calibration: np.ndarray, input_name: str,
-                  batch: int = CALIBRATION_BATCH) -> None:
-    """Static int8 quantisation of `fp32` into `target`, ranges measured on `calibration`."""
+                  batch: int = CALIBRATION_BATCH, seven_bit: bool | None = None) -> None:
+    """Static int8 quantisation of `fp32` into `target`, ranges measured on `calibration`; 7-bit
+    weights where this CPU has no VNNI (`seven_bit` None) or as `seven_bit` says."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
@@ -144,7 +145,7 @@ def quantize_onnx(fp32: Path, target: Path, calibration: np.ndarray, input_name:
     quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float,
-                    reduce_range=not cpu_has_vnni(), extra_options={"CalibMovingAverage": True})
+                    reduce_range=not cpu_has_vnni() if seven_bit is None else seven_bit, extra_options={"CalibMovingAverage": True})
     prepared.unlink()
 
 
