@@ -28,11 +28,11 @@ def test_head_variants_runs_every_kind_of_variant(tiny_run, tiny_data):
 def test_int8_check_compares_int8_with_fp32(tiny_run, tiny_data, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")  # the script writes RUN/export; keep the shared run as it is
     done = subprocess.run([sys.executable, str(BENCHMARKS / "int8_check.py"), str(run), str(tiny_data),
-                           "--bits", "auto,7", "--boot", "20"], capture_output=True, text=True, timeout=600)
+                           "--bits", "auto,7,8", "--boot", "20"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ") and "|---" not in line]
     width = 8 if "VNNI or AMX: True" in done.stdout else 7  # `auto`: the width the export uses on this CPU
-    assert rows[1:] == ["fp32", f"int8, {width}-bit weights (auto)", "int8, 7-bit weights (7)"]
+    assert rows[1:] == ["fp32", f"int8, {width}-bit weights (auto)", "int8, 7-bit weights (7)", "int8, 8-bit weights (8)"]
     assert (run / "export" / "model.onnx").is_file() and not (run / "export" / "model.int8.onnx").exists()
 
 
