@@ -1,6 +1,6 @@
 """A benchmark that benchmarks/RESULTS.md quotes runs on the library as it is now
 (benchmarks/conflict_linear.py stopped running after the feature store changed, unnoticed).
-Covered: head_variants.py, int8_check.py, crossfit_epochs.py; the other benchmarks have no such test yet."""
+Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py; the other benchmarks have no such test yet."""
 
 import shutil
 import subprocess
@@ -51,3 +51,14 @@ def test_crossfit_epochs_compares_three_policies(tmp_path):
     assert [row[2].strip() for row in rows] == ["member", "shared", "last", "resnet18", "resnet10t"]
     assert rows[2][3].strip() == "3, 3" and all("(" in row[10] for row in rows[1:3])
     assert all("(" in row[6] for row in rows[3:])  # each member alone: last epoch against its own count
+
+
+def test_finetune_step_times_both_engines_per_depth():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "finetune_step.py"), "--backbone", "resnet18",
+                           "--depths", "2,all", "--size", "32", "--batch", "4", "--seconds", "0.2", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| all |")]
+    assert [row[1].strip() for row in rows] == ["2", "all"]
+    assert "blocks frozen" in rows[0][2] and "no split" in rows[1][2]
+    assert float(rows[0][6]) < 1e-3  # the two engines' logits differ by rounding only

@@ -126,6 +126,7 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
     module = ft.FinetuneModule(model, ["NORMAL", "PNEUMONIA"], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear"),
                                config, update_bn=False)
     seen = []
+    import xferlearn.models.frozen_prefix as frozen_prefix
     import xferlearn.models.onnx_forward as onnx_forward
 
     original = onnx_forward.OnnxForward
@@ -141,14 +142,38 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
                         num_sanity_val_steps=0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_forward, "OnnxForward", recording)
+        patch.setattr(frozen_prefix, "OnnxForward", recording)
         trainer.fit(module, data, data)
-    assert len(seen) == (2 if engine == "onnx" else 0)  # one export per epoch, none on PyTorch
+    # Per epoch on ONNX Runtime: one export of the frozen layers for training, one of the epoch's
+    # weights for validation; none on PyTorch.
+    assert len(seen) == (4 if engine == "onnx" else 0)
     module.eval()
     with torch.no_grad():
         expected = module(images).softmax(1)[:, 1]
     auc = compute_metrics(np.arange(16) % 2, torch.stack([1 - expected, expected], 1).numpy(),
                           ["NORMAL", "PNEUMONIA"], 0.5, "test")["auc"]
     assert trainer.callback_metrics["val_auc"].item() == pytest.approx(auc, abs=1e-6)  # the last epoch's weights
+
+
+@pytest.mark.parametrize("engine", ["onnx", "torch"])
+def test_training_steps_run_the_frozen_layers_on_the_cpu_engine(engine):
+    """On a CPU a stage's frozen lower layers run through ONNX Runtime while it trains
+    (models/frozen_prefix.py): the same logits as the whole network in PyTorch."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=2)
+    ft.unfreeze(model, 2)
+    config = TrainConfig(data="x", recipe="finetune", feature_engine=engine, finetune_batch_size=4)
+    module = ft.FinetuneModule(model, ["NORMAL", "PNEUMONIA"], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear"),
+                               config, update_bn=False)
+    module.on_train_epoch_start()
+    assert (module._frozen is not None) == (engine == "onnx")
+    images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    logits = module(images)
+    assert logits.requires_grad  # the layers above the split still train
+    expected = module.net(((images.float() - 127.5) / 127.5).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    module.on_train_end()
+    assert module._frozen is None
 
 
 def test_unfreeze_grows_with_depth():

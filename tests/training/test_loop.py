@@ -14,7 +14,7 @@ from xferlearn.training.loop import ClassifierModule, fit, train_loader
 EPOCHS = 5
 
 
-def fit_a_head(run, keep, resume=False):
+def fit_a_head(run, keep, resume=False, callbacks=None):
     """A head whose validation labels are unrelated to what it learns, so validation AUC wanders
     from epoch to epoch and the best epoch is not the last."""
     rng = np.random.default_rng(0)
@@ -28,7 +28,7 @@ def fit_a_head(run, keep, resume=False):
     train = train_loader(FeatureRowsDataset(ArrayRows(x), y, None, None), y, config, 2, batch_size=32)
     val = DataLoader(FeatureRowsDataset(ArrayRows(x_val), y_val, None, None), batch_size=64)
     record = fit(module, train, val, config, run, keep=keep, accelerator="cpu", devices=1,
-                 enable_progress_bar=False)
+                 enable_progress_bar=False, callbacks=callbacks)
     aucs = [float(row["val_auc"]) for row in read_history(RunDir(run).history()) if row.get("val_auc")]
     return record, head.weight.detach().clone(), aucs
 
@@ -56,6 +56,30 @@ def test_a_finished_fit_resumed_keeps_its_last_epoch_and_its_record(tmp_path):
     again, weight_again, _ = fit_a_head(tmp_path, "last", resume=True)  # no epoch left to run
     assert again["last_epoch_val_auc"] == pytest.approx(aucs[-1]) == pytest.approx(first["last_epoch_val_auc"])
     assert torch.equal(weight_again, weight)
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_last_ckpt_holds_every_epoch_as_it_ends(keep, tmp_path):
+    """What --resume continues from: the epoch just finished, whether or not it was the best (Lightning
+    2.6's own `save_last` wrote last.ckpt only beside a new best.ckpt, and never without one)."""
+    import lightning as L
+
+    steps = []
+    last = tmp_path / "lightning" / "last.ckpt"
+
+    def record(trainer):
+        steps.append((torch.load(last, map_location="cpu", weights_only=True)["global_step"], trainer.global_step))
+
+    class Recorder(L.Callback):  # Lightning runs checkpoint callbacks last: look as the next epoch starts
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch > 0:
+                record(trainer)
+
+        def on_train_end(self, trainer, module):
+            record(trainer)
+
+    fit_a_head(tmp_path, keep, callbacks=[Recorder()])
+    assert len(steps) == EPOCHS and all(saved == now for saved, now in steps)
 
 
 def test_an_unknown_choice_is_refused(tmp_path):

@@ -152,10 +152,14 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     select = val_data is not None and keep == "best"
     run = RunDir(run)
     # No "-v1" copies: a checkpoint name means one thing; an earlier attempt's are cleared or refused (checkpoints.py).
-    # best.ckpt only where an epoch is chosen; last.ckpt always (resumption, and the weights kept otherwise).
-    checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", save_last=True,
-                                  enable_version_counter=False, save_top_k=1 if select else 0,
-                                  **(dict(monitor="val_auc", mode="max") if select else {}))
+    # best.ckpt only where an epoch is chosen; last.ckpt after every epoch (resumption, and the weights
+    # kept otherwise) from a checkpoint of its own: Lightning 2.6's `save_last` writes last.ckpt only
+    # when a best.ckpt is written too, so a run killed after an epoch that was not the best, or in a
+    # fit that selects nothing, resumed from an earlier epoch or from the start.
+    latest = ModelCheckpoint(dirpath=run.lightning(stage), filename="last", save_top_k=1, monitor=None,
+                             enable_version_counter=False)
+    checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", save_last=False,
+                                  enable_version_counter=False, save_top_k=1, monitor="val_auc", mode="max")
     identity = stored_identity(run.root)
     last = run.lightning(stage) / "last.ckpt"
     history = run.history(stage)
@@ -167,7 +171,7 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
         with quiet_lightning():  # the Trainer's start-up notices too ("GPU available: ...", tips)
             trainer = L.Trainer(max_epochs=max_epochs or config.epochs,
                                 logger=CSVLogger(run.logs(), name=stage, version=""),
-                                callbacks=[checkpoints, IdentityStamp(identity), *(callbacks or [])],
+                                callbacks=[latest, *([checkpoints] if select else []), IdentityStamp(identity), *(callbacks or [])],
                                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, log_every_n_steps=1,
                                 # No sanity check: its two batches may hold one class, where AUC is undefined.
                                 num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
