@@ -6,9 +6,9 @@ the frozen layers on ONNX Runtime, side by side.
 
 For each stage depth (layer groups below the head that train, as `--stages` counts them), the
 library's own `FinetuneModule` takes AdamW steps on random uint8 pixels in memory (no files,
-decoding or augmentation: the model's step alone), once as it trains on a CPU (`--feature-engine
-auto`: the frozen lower layers through ONNX Runtime, models/frozen_prefix.py) and once with
-`--feature-engine torch` (every layer in PyTorch, as before). The two take turns, --rounds times,
+decoding or augmentation: the model's step alone), once with `--frozen-engine onnx` (the frozen
+lower layers through ONNX Runtime, models/frozen_prefix.py) and once as it trains by default
+(every layer in PyTorch). The two take turns, --rounds times,
 so a change in the machine's load reaches both; compare the rows of one run, not runs. Also
 printed: the largest difference between the two engines' logits at the start (rounding only).
 """
@@ -34,7 +34,8 @@ CLASSES = ["NORMAL", "PNEUMONIA"]
 
 def module_for(net, depth, engine: str, size: int, batch: int) -> ft.FinetuneModule:
     ft.unfreeze(net, depth)
-    config = TrainConfig(data="x", recipe="finetune", feature_engine=engine, finetune_batch_size=batch)
+    config = TrainConfig(data="x", recipe="finetune", feature_engine=engine, finetune_batch_size=batch,
+                         frozen_engine="onnx" if engine == "auto" else "torch")
     module = ft.FinetuneModule(net, CLASSES, Preprocessing(size, (0.5,) * 3, (0.5,) * 3, "bilinear"), config,
                                update_bn=False)
     module.on_train_epoch_start()  # the stage's modes, and on "auto" the frozen layers' export

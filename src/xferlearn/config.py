@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 BN_POLICIES = ("frozen", "last_stage")
 COMPILE_MODES = ("auto", "on", "off")
 FEATURE_ENGINES = ("auto", "torch", "onnx")
+FROZEN_ENGINES = ("torch", "onnx")
 # Lightning's Trainer arguments of the same names (training/distributed.py). No fsdp: it shards a
 # model too big for one device, and these backbones (4-25 M parameters) fit any device whole,
 # where DDP's full replicas are faster; the head on cached features has nothing to shard.
@@ -165,6 +166,10 @@ class TrainConfig:
                              "update in the last stage", BN_POLICIES)
     ema: float = _option(0.0, "(finetune) decay of an exponential moving average of the weights; 0: none")
     patience: int = _option(2, "(finetune) epochs without a better validation AUC before a stage stops")
+    frozen_engine: str = _option("torch", "(finetune) what runs a stage's frozen lower layers while the layers "
+                                 "above train: torch, or onnx (ONNX Runtime on a CPU: 0.58x the fine-tune's time "
+                                 "on 2 AVX2 cores, but held-out AUC -0.0045 in the one pair measured; "
+                                 "benchmarks/RESULTS.md, session 14)", FROZEN_ENGINES)
     # Scale (Lightning's Trainer arguments): processes = devices x num_nodes; batch sizes are global.
     accelerator: str = _option("auto", "auto: a GPU where there is one (the head on cached features stays on the "
                                "CPU)", ACCELERATORS)
@@ -195,6 +200,8 @@ class TrainConfig:
         need(self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}, not {self.imbalance!r}.")
         need(self.threshold in THRESHOLDS, f"--threshold must be one of {THRESHOLDS}, not {self.threshold!r}.")
         need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, not {self.compile!r}.")
+        need(self.frozen_engine in FROZEN_ENGINES,
+             f"--frozen-engine must be one of {FROZEN_ENGINES}, not {self.frozen_engine!r}.")
         need(self.feature_engine in FEATURE_ENGINES,
              f"--feature-engine must be one of {FEATURE_ENGINES}, not {self.feature_engine!r}.")
         need(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, not {self.precision!r}.")

@@ -144,9 +144,9 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
         patch.setattr(onnx_forward, "OnnxForward", recording)
         patch.setattr(frozen_prefix, "OnnxForward", recording)
         trainer.fit(module, data, data)
-    # Per epoch on ONNX Runtime: one export of the frozen layers for training, one of the epoch's
-    # weights for validation; none on PyTorch.
-    assert len(seen) == (4 if engine == "onnx" else 0)
+    # One export of the epoch's weights per epoch on ONNX Runtime, none on PyTorch; none of the
+    # frozen layers: --frozen-engine torch is the default.
+    assert len(seen) == (2 if engine == "onnx" else 0)
     module.eval()
     with torch.no_grad():
         expected = module(images).softmax(1)[:, 1]
@@ -155,18 +155,20 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
     assert trainer.callback_metrics["val_auc"].item() == pytest.approx(auc, abs=1e-6)  # the last epoch's weights
 
 
-@pytest.mark.parametrize("engine", ["onnx", "torch"])
-def test_training_steps_run_the_frozen_layers_on_the_cpu_engine(engine):
-    """On a CPU a stage's frozen lower layers run through ONNX Runtime while it trains
-    (models/frozen_prefix.py): the same logits as the whole network in PyTorch."""
+@pytest.mark.parametrize("feature_engine,frozen_engine,split", [("auto", "onnx", True), ("torch", "onnx", False),
+                                                               ("auto", "torch", False)])
+def test_training_steps_run_the_frozen_layers_on_the_cpu_engine(feature_engine, frozen_engine, split):
+    """With --frozen-engine onnx, on a CPU a stage's frozen lower layers run through ONNX Runtime
+    while it trains (models/frozen_prefix.py): the same logits as the whole network in PyTorch."""
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=2)
     ft.unfreeze(model, 2)
-    config = TrainConfig(data="x", recipe="finetune", feature_engine=engine, finetune_batch_size=4)
+    config = TrainConfig(data="x", recipe="finetune", feature_engine=feature_engine, frozen_engine=frozen_engine,
+                         finetune_batch_size=4)
     module = ft.FinetuneModule(model, ["NORMAL", "PNEUMONIA"], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear"),
                                config, update_bn=False)
     module.on_train_epoch_start()
-    assert (module._frozen is not None) == (engine == "onnx")
+    assert (module._frozen is not None) == split
     images = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     logits = module(images)
     assert logits.requires_grad  # the layers above the split still train

@@ -14,7 +14,8 @@ rounding differs (ONNX Runtime sums in another order; Lite0's logits within abou
 
 Split here: networks whose `forward_features` is a plain sequence of modules, timm's
 EfficientNet (EfficientNet, EfficientNet-Lite, MobileNetV2, MixNet...), ResNet and VGG.
-Any other network trains wholly in PyTorch, as before (`frozen_prefix` returns None).
+Any other network trains wholly in PyTorch (`frozen_prefix` returns None). Used with `--frozen-engine onnx`,
+not by default: see training/finetune.py and benchmarks/RESULTS.md, session 14.
 """
 
 from __future__ import annotations

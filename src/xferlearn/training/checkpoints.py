@@ -37,7 +37,7 @@ from ..rundir import RunDir
 
 IDENTITY_KEY = "xferlearn_run_identity"
 NOT_IDENTITY = ("resume", "out", "data", "cache_dir", "workers", "compile", "epochs", "finetune_epochs", "patience",
-                "threshold", "target_sensitivity", "tta")
+                "threshold", "target_sensitivity", "tta", "frozen_engine")
 
 
 def run_identity(config_record: dict, manifest, train_idx, val_idx) -> str:

@@ -155,10 +155,14 @@ class FinetuneModule(ClassifierModule):
         self._frozen = None  # frees the ONNX Runtime session
 
     def _frozen_engine(self) -> FrozenPrefix | None:
-        """On a CPU (the engine `--feature-engine` picks for fp32 there), the frozen lower layers
-        run through ONNX Runtime: a stage with Lite0's top 4 layer groups training ran 2.4x as
-        many images/s, with 9 groups 1.4-1.7x (benchmarks/RESULTS.md, session 14)."""
-        if feature_engine(self.config.feature_engine, self.device, self.config.precision) != "onnx":
+        """With `--frozen-engine onnx`, on a CPU (where `--feature-engine` picks ONNX Runtime), the
+        frozen lower layers run through ONNX Runtime: the conflict split's fine-tune took 0.58x the
+        time. Not the default: at the end of its last stage that run's model ranked held-out images
+        worse (AUC -0.0045, paired CI -0.0067 to -0.0024) where a rounding-sized nudge to the
+        PyTorch run moved it by 0.0004; one pair cannot say whether that is rounding or not
+        (benchmarks/RESULTS.md, session 14)."""
+        if self.config.frozen_engine != "onnx" or \
+                feature_engine(self.config.feature_engine, self.device, self.config.precision) != "onnx":
             return None
         try:
             engine = frozen_prefix(self.net, self.mean, self.std, self.input_size, torch.get_num_threads(),
