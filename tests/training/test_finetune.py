@@ -155,6 +155,22 @@ def test_each_epochs_validation_scores_the_current_weights_on_the_cpu_engine(eng
     assert trainer.callback_metrics["val_auc"].item() == pytest.approx(auc, abs=1e-6)  # the last epoch's weights
 
 
+def test_a_finetune_with_its_frozen_layers_on_onnx_runtime_trains_only_the_layers_above(tmp_path, capsys):
+    """`--frozen-engine onnx` end to end through Lightning: it says so, the frozen layers keep the
+    head stage's weights and the layers above them learn."""
+    data = make_folder(tmp_path / "data", per_class=8)
+    xferlearn.train(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                    **{**FINETUNE, "stages": "2", "finetune_epochs": 1, "frozen_engine": "onnx"})
+    said = capsys.readouterr()
+    assert "run on ONNX Runtime" in " ".join((said.out + said.err).split())  # rich wraps lines
+    head, stage1 = stage_weights(tmp_path / "run", "head"), stage_weights(tmp_path / "run", "stage1")
+    changed = {name for name in head if not torch.equal(head[name], stage1[name])}
+    # Only the two layer groups above the split and the classifier moved (timm's ResNet starts each
+    # block's last BatchNorm at zero, so its convolutions get no gradient on the first steps).
+    assert "layer4.1.bn2.weight" in changed and "fc.weight" in changed
+    assert all(name.startswith(("layer4.", "fc.")) for name in changed)
+
+
 @pytest.mark.parametrize("feature_engine,frozen_engine,split", [("auto", "onnx", True), ("torch", "onnx", False),
                                                                ("auto", "torch", False)])
 def test_training_steps_run_the_frozen_layers_on_the_cpu_engine(feature_engine, frozen_engine, split):
@@ -323,6 +339,7 @@ def test_predict_cli_applies_prevalence(tiny_run, tiny_data, capsys):
     ({"finetune_epochs": 0}, "--finetune-epochs"), ({"layer_decay": 0}, "--layer-decay"),
     ({"layer_decay": 1.5}, "--layer-decay"), ({"bn_policy": "train"}, "--bn-policy"), ({"ema": 1.0}, "--ema"),
     ({"patience": 0}, "--patience"), ({"lr_backbone": 0}, "--lr-backbone"),
+    ({"frozen_engine": "gpu"}, "--frozen-engine"),
     ({"finetune_batch_size": 1}, "--finetune-batch-size"),
 ])
 def test_config_rejects_bad_finetune_options(options, message):

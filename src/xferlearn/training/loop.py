@@ -158,8 +158,8 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
     # fit that selects nothing, resumed from an earlier epoch or from the start.
     latest = ModelCheckpoint(dirpath=run.lightning(stage), filename="last", save_top_k=1, monitor=None,
                              enable_version_counter=False)
-    checkpoints = ModelCheckpoint(dirpath=run.lightning(stage), filename="best", save_last=False,
-                                  enable_version_counter=False, save_top_k=1, monitor="val_auc", mode="max")
+    best = [ModelCheckpoint(dirpath=run.lightning(stage), filename="best", enable_version_counter=False,
+                            save_top_k=1, monitor="val_auc", mode="max")] if select else []
     identity = stored_identity(run.root)
     last = run.lightning(stage) / "last.ckpt"
     history = run.history(stage)
@@ -171,7 +171,7 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
         with quiet_lightning():  # the Trainer's start-up notices too ("GPU available: ...", tips)
             trainer = L.Trainer(max_epochs=max_epochs or config.epochs,
                                 logger=CSVLogger(run.logs(), name=stage, version=""),
-                                callbacks=[latest, *([checkpoints] if select else []), IdentityStamp(identity), *(callbacks or [])],
+                                callbacks=[latest, *best, IdentityStamp(identity), *(callbacks or [])],
                                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, log_every_n_steps=1,
                                 # No sanity check: its two batches may hold one class, where AUC is undefined.
                                 num_sanity_val_steps=0, deterministic=False, **trainer_kwargs)
@@ -187,11 +187,11 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
             last_auc = next((row["val_auc"] for row in reversed(read_history(history)) if row.get("val_auc")), None)
         return {"kept": "the last epoch", "last_epoch_val_auc": None if last_auc is None else float(last_auc),
                 "epochs_run": trainer.current_epoch}
-    best_path = checkpoints.best_model_path
+    best_path = best[0].best_model_path
     if best_path:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    score = checkpoints.best_model_score
+    score = best[0].best_model_score
     return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path,
             "epochs_run": trainer.current_epoch}
 
