@@ -168,8 +168,8 @@ class TrainConfig:
     patience: int = _option(2, "(finetune) epochs without a better validation AUC before a stage stops")
     frozen_engine: str = _option("torch", "(finetune) what runs a stage's frozen lower layers while the layers "
                                  "above train: torch, or onnx (ONNX Runtime on a CPU: 0.58x the fine-tune's time "
-                                 "on 2 AVX2 cores, but held-out AUC -0.0045 in the one pair measured; "
-                                 "benchmarks/RESULTS.md, session 14)", FROZEN_ENGINES)
+                                 "on 2 AVX2 cores, but held-out AUC -0.0029 on average over three seed pairs, "
+                                 "-0.0069 to +0.0010; benchmarks/RESULTS.md, sessions 14-15)", FROZEN_ENGINES)
     # Scale (Lightning's Trainer arguments): processes = devices x num_nodes; batch sizes are global.
     accelerator: str = _option("auto", "auto: a GPU where there is one (the head on cached features stays on the "
                                "CPU)", ACCELERATORS)

@@ -157,10 +157,9 @@ class FinetuneModule(ClassifierModule):
     def _frozen_engine(self) -> FrozenPrefix | None:
         """With `--frozen-engine onnx`, on a CPU (where `--feature-engine` picks ONNX Runtime), the
         frozen lower layers run through ONNX Runtime: the conflict split's fine-tune took 0.58x the
-        time. Not the default: at the end of its last stage that run's model ranked held-out images
-        worse (AUC -0.0045, paired CI -0.0067 to -0.0024) where a rounding-sized nudge to the
-        PyTorch run moved it by 0.0004; one pair cannot say whether that is rounding or not
-        (benchmarks/RESULTS.md, session 14)."""
+        time. Not the default: over three seeds its models ranked held-out images worse on average
+        (AUC -0.0029; pairs -0.0069, +0.0010, -0.0028) with a lower accuracy at their own
+        thresholds, neither a proven loss nor parity (benchmarks/RESULTS.md, sessions 14-15)."""
         if self.config.frozen_engine != "onnx" or \
                 feature_engine(self.config.feature_engine, self.device, self.config.precision) != "onnx":
             return None
