@@ -39,6 +39,19 @@ def test_onnx_features_match_pytorch_at_any_batch_length(model, pixels):
     assert model.training is False and next(model.parameters()).dtype is torch.float32  # the caller's model as it was
 
 
+def test_an_export_inside_bf16_autocast_is_still_an_fp32_graph(model, pixels):
+    # A fine-tune's validation exports each epoch's weights from inside Lightning's bf16-mixed
+    # context (on CPUs with native bf16); traced under autocast, ONNX Runtime refused the graph.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        forward = OnnxForward(model, PRE.mean, PRE.std, PRE.input_size, threads=1, batch_size=4)
+        got = forward(pixels)
+    mean, std = torch.tensor(PRE.mean).view(1, 3, 1, 1), torch.tensor(PRE.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model((pixels.float() / 255 - mean) / std).numpy()
+    assert got.dtype is torch.float32
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+
+
 def test_a_network_onnx_cannot_take_falls_back_to_pytorch(model, pixels, monkeypatch, caplog):
     import xferlearn.models.onnx_forward as onnx_forward
 

@@ -67,8 +67,10 @@ class OnnxForward:
         buffer = io.BytesIO()
         try:
             # The TorchScript-based exporter: about 10x quicker than the torch.export-based one
-            # for these networks, and this graph lives only as long as the run.
-            with warnings.catch_warnings(), torch.no_grad():
+            # for these networks, and this graph lives only as long as the run. Autocast off: a
+            # fine-tune's validation exports from inside Lightning's bf16-mixed context, which
+            # would otherwise trace bf16 casts into an fp32 graph that ONNX Runtime refuses.
+            with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17,
                                   input_names=["pixels"], output_names=["out"],
@@ -82,7 +84,7 @@ class OnnxForward:
         options.add_free_dimension_override_by_name("batch", batch_size)
         self.batch_size = batch_size
         self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             expected = module(check).numpy()
         got = self._run(check.numpy())
         difference = float(np.abs(got - expected).max())
