@@ -168,9 +168,9 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
     with open(gray / "validation_predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     recorded = np.array([float(row["p_PNEUMONIA"]) for row in rows])
-    for engine in ("torch", "onnx"):
+    for engine in ("torch", "onnx"):  # fp32 by name: PyTorch's "auto" is bf16 on a CPU that has it
         predicted = [row["probabilities"]["PNEUMONIA"]
-                     for row in xferlearn.predict(gray, [row["file"] for row in rows], engine=engine)]
+                     for row in xferlearn.predict(gray, [row["file"] for row in rows], engine=engine, precision="fp32")]
         np.testing.assert_allclose(predicted, recorded, atol=2e-4, err_msg=engine)
     sidecar = json.loads((gray / "export" / "model.json").read_text())
     assert "CLAHE" in sidecar["preprocessing"]["note"] and sidecar["preprocessing"]["contrast"] == "clahe"
@@ -191,8 +191,9 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
 
 
 def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_path, image_folder):
+    # fp32 by name: PyTorch's "auto" features are bf16 on a CPU that has it (ONNX Runtime's are fp32).
     runs = {engine: xferlearn.train(data=str(image_folder), out=str(tmp_path / engine), feature_engine=engine,
-                                    cache_dir=str(tmp_path / "cache"), **TINY).run_dir
+                                    precision="fp32", cache_dir=str(tmp_path / "cache"), **TINY).run_dir
             for engine in ("torch", "onnx")}
     probs = {}
     for engine, run in runs.items():
