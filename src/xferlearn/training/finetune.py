@@ -11,7 +11,10 @@ fastai's `fine_tune` as the default rather than homework:
   they need the least change). AdamW (no decay on norms and biases), a one-cycle schedule
   per stage (10% warm-up, then cosine), early stopping on validation AUC (`--patience`),
   optionally an EMA of the weights (`--ema 0.99`, Lightning's EMAWeightAveraging, used for
-  validation and checkpoints). Each stage starts from the previous stage's best epoch.
+  validation and checkpoints; off by default: on the sharpness-conflict split's held-out
+  images, three seeds, 0.995 changed AUC by -0.0000, -0.0076, -0.0101 and 0.99 by +0.0024,
+  -0.0059, -0.0085; benchmarks/RESULTS.md, session 16).
+  Each stage starts from the previous stage's best epoch.
 - The result is the deepest stage, unless an earlier one (the head included) reads a higher
   validation AUC by more than noise (`choose_stage`).
 
