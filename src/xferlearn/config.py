@@ -147,6 +147,9 @@ class TrainConfig:
                                   "validation passes; auto: ONNX Runtime (fp32) on a CPU unless --precision bf16 "
                                   "(2.6x PyTorch's compiled fp32 on 2 AVX2 cores), PyTorch on a GPU", FEATURE_ENGINES)
     seed: int = _option(0, "random seed of splits, augmentation and training")
+    split_seed: int | None = _option(None, "seed of the validation split and of cross-fitting's folds alone "
+                                     "(default: --seed); keep it fixed to compare --seed values on the same "
+                                     "validation images, or to average their runs", metavar="N")
     workers: int | None = _option(None, "DataLoader worker processes (default: from the core count)")
     batch_size_features: int = _option(32, "images per frozen-backbone call (32 ran 1.2-1.35x faster than 64 "
                                        "on 2 cores)")
@@ -266,6 +269,11 @@ class TrainConfig:
         if counts != sorted(set(counts)):
             raise XferlearnError(f"--stages must unfreeze more layers at each stage, e.g. 4,9,all; not {self.stages!r}.")
         return depths
+
+    @property
+    def split_random_state(self) -> int:
+        """What draws the validation split and the folds: --split-seed where given, else --seed."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict:
         return asdict(self)

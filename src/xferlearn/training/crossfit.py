@@ -103,7 +103,7 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
         return np.concatenate(rows), np.concatenate(ys)
 
     oof = np.zeros((config.epochs, len(labels), len(manifest.classes)), dtype=np.float32)
-    folds = fold_indices(manifest, k, config.seed)
+    folds = fold_indices(manifest, k, config.split_random_state)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"cross-fitting ({k} folds)", total=k)
         for fold, (inside, held_out) in enumerate(folds):
