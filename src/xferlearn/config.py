@@ -57,7 +57,9 @@ GRAYSCALE_LINEAR_VIEWS = (0.25, "noise")
 # on a split that conflicts with the chest X-rays' sharpness shortcut it ranked held-out images
 # better than Lite0 alone (AUC 0.960 against 0.944, paired 95% CI of the gain +0.010 to +0.022),
 # where every random split read 0.999 (benchmarks/RESULTS.md, session 5). It costs about 3.6x
-# Lite0's time; `--backbone efficientnet_lite0` is the fast choice. A fine-tune trains one network.
+# Lite0's time; `--backbone efficientnet_lite0` is the fast choice. The fine-tune trains Lite0 alone by
+# default: Lite0+Lite1 ranked the conflict split's held-out images better (+0.0033 AUC on average over
+# three seeds) for 2.2x its time, beyond issue 10's 45 minutes on 2 AVX2 cores (session 17).
 # Each member runs at its own weights' input size (224, 240, 260) even on 224 px images: all at 224
 # ranked held-out images worse (-0.0059, 95% CI -0.0104 to -0.0017) for 16% fewer multiply-adds,
 # all at 260 no better (-0.0008, -0.0042 to +0.0024; session 11).
@@ -96,9 +98,10 @@ class TrainConfig:
                                         "[val/ or valid/ or validation/] [test/]"})
     out: str = _option("runs/xferlearn", "the run folder to create", metavar="DIR")
     backbone: str | None = _option(None, "the pretrained network: a name from `xferlearn backbones`, or any "
-                                   "timm model name; A+B[+C] is the ensemble of those networks, one model (linear "
-                                   "recipe); default: the recipe's (linear: efficientnet_lite0+efficientnet_lite1+"
-                                   "efficientnet_lite2; finetune: efficientnet_lite0)", metavar="NAME")
+                                   "timm model name; A+B[+C] is the ensemble of those networks, one model "
+                                   "(finetune: each fine-tuned in turn); default: the recipe's (linear: "
+                                   "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2; finetune: "
+                                   "efficientnet_lite0)", metavar="NAME")
     weights: str = _option("default", "default | packaged | imagenet | none | a path to a state dict",
                            metavar="WEIGHTS")
     recipe: str = _option("linear", "linear: the frozen base and a new head on cached features; finetune: that "

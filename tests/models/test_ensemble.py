@@ -103,7 +103,32 @@ def test_every_command_takes_an_ensemble(ensemble_run, tmp_path):
     assert torch.allclose(shifts[0], shifts[1]) and shifts[0].abs().max() > 0
 
 
-def test_an_ensemble_trains_with_the_linear_recipe_only(tmp_path):
-    data = make_folder(tmp_path / "d", per_class=8)
-    with pytest.raises(XferlearnError, match="an ensemble .* trains with --recipe linear"):
-        xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**ENSEMBLE, "recipe": "finetune"})
+def test_an_ensemble_fine_tunes_member_by_member_and_resumes(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=12)
+    options = {**ENSEMBLE, "recipe": "finetune", "stages": "2", "finetune_epochs": 1, "finetune_batch_size": 8,
+               "tta": False, "cache_dir": str(tmp_path / "cache")}
+    before = create_model(MEMBERS, "none", 2, None)[0].state_dict()
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **options)
+    run = result.run_dir
+    members = result.metrics["selection"]["members"]
+    assert [m["chosen_stage"].split("-")[0] for m in members] == ["member0", "member1"]
+    assert {p.name for p in (run / "stages").iterdir()} == {"member0-head.pt", "member0-stage1.pt",
+                                                           "member1-head.pt", "member1-stage1.pt"}
+    # Both members' networks moved (not only their heads), and the run predicts as one model.
+    after = load_checkpoint(run).build_model().state_dict()
+    for i in (0, 1):
+        body = [k for k in before if k.startswith(f"members.{i}.model.") and "fc" not in k and "classifier" not in k
+                and before[k].is_floating_point()]
+        assert any(not torch.equal(before[k], after[k]) for k in body)
+    history = (run / "logs" / "metrics.csv").read_text().splitlines()
+    assert len(history) > 1 + 2 * 2  # both members' head epochs and stage epochs, end to end
+    probs = xferlearn.load(run).predict(sorted((data / "PNEUMONIA").iterdir())[:3])
+    assert len(probs) == 3
+    # Killed after the second member's last epoch, before its stages were saved: --resume loads the
+    # first member's stages and the second's Lightning checkpoints instead of training again.
+    (run / "model.pt").unlink()
+    for name in ("member1-head.pt", "member1-stage1.pt"):
+        (run / "stages" / name).unlink()
+    resumed = xferlearn.train(data=str(data), out=str(run), resume=True, **options)
+    assert resumed.metrics["selection"]["members"][0] == members[0]
+    assert resumed.metrics["selection"]["members"][1]["best_epoch_val_auc"] is not None

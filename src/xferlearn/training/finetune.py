@@ -62,13 +62,14 @@ from ..data.folders import ImageDataset, Manifest
 from ..data.images import DecodeCache
 from ..evaluation.metrics import auc_standard_error
 from ..models.features import default_workers, image_loader
+from ..models.ensemble import Ensemble, Member
 from ..models.inference import normalize, resolve_precision
 from ..models.frozen_prefix import FrozenPrefix, frozen_prefix
 from ..models.onnx_forward import OnnxForward, OnnxUnavailable, feature_engine, onnx_or_none
 from .distributed import barrier, device, is_rank_zero, per_process_batch, trainer_options
 from ..rundir import RunDir, read_history, write_history
 from .checkpoints import IDENTITY_KEY, load_resumable, stored_identity
-from .linear import fit_head
+from .linear import fit_head, per_member
 from .loop import ClassifierModule, class_weights, console, fit, train_loader
 
 WARMUP_FRACTION = 0.1  # of each stage's steps: the rate climbs from 1/25 of its peak
@@ -76,7 +77,9 @@ WARMUP_FRACTION = 0.1  # of each stage's steps: the rate climbs from 1/25 of its
 
 def layer_ids(model: torch.nn.Module) -> dict[str, int]:
     """Parameter name -> layer group, 0 at the input, the classifier at the top: timm's own
-    grouping, the one its layer-decay optimisers use."""
+    grouping, the one its layer-decay optimisers use (an ensemble's member: its network's)."""
+    if isinstance(model, Member):
+        return {f"model.{name}": group for name, group in layer_ids(model.model).items()}
     if hasattr(model, "group_matcher"):
         ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     else:
@@ -98,7 +101,8 @@ def unfreeze(model: torch.nn.Module, depth: int | None) -> list[str]:
 def optimizer_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     """AdamW parameter groups of the trainable parameters: rate `lr_backbone` x layer_decay^k
     for the group k layers below the classifier, no weight decay on 1-D tensors (norms, biases)."""
-    groups = param_groups_layer_decay(model, weight_decay=config.weight_decay, layer_decay=config.layer_decay)
+    network = model.model if isinstance(model, Member) else model  # the one timm knows how to group
+    groups = param_groups_layer_decay(network, weight_decay=config.weight_decay, layer_decay=config.layer_decay)
     for group in groups:
         group["lr"] = config.lr_backbone * group.pop("lr_scale")
     return groups
@@ -244,11 +248,34 @@ def resume_stage(path: Path, model: torch.nn.Module, config: TrainConfig) -> dic
 
 def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str,
              weights_tag: str, preprocessing, cache: DecodeCache, run: Path) -> dict:
-    """The staged fine-tune; leaves the best stage's weights in `model` and returns how it chose."""
+    """The staged fine-tune; leaves the best stage's weights in `model` and returns how it chose.
+
+    An ensemble (`--backbone a+b`) is fine-tuned member by member, each through the path it takes
+    in the ensemble (the ensemble's input, resized and re-normalised for it) with its own head,
+    stages and stage choice; the run's temperature and threshold then come from their mean. On the
+    sharpness-conflict split's held-out images, Lite0 and Lite1 fine-tuned apart and averaged ranked
+    better than Lite0 alone at all three seeds (AUC +0.0053, +0.0011, +0.0035) for about 2.2x the
+    time (benchmarks/RESULTS.md, session 17), so it is an option, not the default."""
+    if isinstance(model, Ensemble):
+        members = per_member(finetune_network, model, arch, "", manifest, train_idx, val_idx, config,
+                             preprocessing=preprocessing, cache=cache, run=run)
+        if is_rank_zero():
+            combine_histories(run, [r["stage"] for member in members for r in member["stages"]])
+        return {"members": members}
+    return finetune_network(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing, cache, run)
+
+
+def finetune_network(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, config: TrainConfig,
+                     arch: str, weights_tag: str, preprocessing, cache: DecodeCache, run: Path,
+                     stage: str = "") -> dict:
+    """`finetune` of one network; `stage` (an ensemble's member0, member1...) prefixes its stages' names."""
     rundir = RunDir(run)
-    records = [resume_stage(rundir.stage("head"), model, config)
+    named = (lambda name: f"{stage}-{name}") if stage else (lambda name: name)
+    if stage:
+        console.print(f"Fine-tune {stage}: {arch}.")
+    records = [resume_stage(rundir.stage(named("head")), model, config)
                or fit_head_stage(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing,
-                                 cache, run)]
+                                 cache, run, named("head"))]
     labels = manifest.labels
     pick = manifest.take
     workers = default_workers(config.devices) if config.workers is None else config.workers
@@ -260,9 +287,9 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
     weights = class_weights(labels[train_idx], len(manifest.classes)) if config.imbalance == "weights" else None
     depths = config.stage_depths()
     for number, depth in enumerate(depths, start=1):
-        records.append(resume_stage(rundir.stage(f"stage{number}"), model, config) or fit_stage(
+        records.append(resume_stage(rundir.stage(named(f"stage{number}")), model, config) or fit_stage(
             model, number, depth, loader, val_loader, config, run, preprocessing, manifest.classes, weights,
-            update_bn=config.bn_policy == "last_stage" and number == len(depths)))
+            update_bn=config.bn_policy == "last_stage" and number == len(depths), name=named(f"stage{number}")))
 
     chosen = choose_stage(records, np.bincount(labels[val_idx], minlength=len(manifest.classes)))
     if chosen < len(records) - 1:  # the model holds the last stage's best epoch
@@ -270,7 +297,7 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
-    if is_rank_zero():
+    if is_rank_zero() and not stage:  # an ensemble's members' logs are combined once, all of them
         combine_histories(run, [r["stage"] for r in records])
     console.print("Stages (validation AUC): " + ", ".join(f"{r['stage']} {r['val_auc']:.4f}" for r in records)
                   + f"; chosen: {records[chosen]['stage']}.")
@@ -293,21 +320,21 @@ def choose_stage(records: list[dict], class_counts) -> int:
 
 
 def fit_head_stage(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing, cache,
-                   run: Path) -> dict:
+                   run: Path, name: str = "head") -> dict:
     """Stage 0: the `linear` recipe's head on cached features (linear.py), saved as RUN/stages/head.pt."""
     started = time.perf_counter()
     selection, _, _ = fit_head(model, manifest, train_idx, val_idx, config, arch, weights_tag, preprocessing,
-                               cache, run, stage="head")
-    return save_stage(RunDir(run).stage("head"), model, {
-        "stage": "head", "depth": 0, "val_auc": selection["best_epoch_val_auc"],
+                               cache, run, stage=name)
+    return save_stage(RunDir(run).stage(name), model, {
+        "stage": name, "depth": 0, "val_auc": selection["best_epoch_val_auc"],
         "epochs": selection["epochs_run"], "seconds": round(time.perf_counter() - started, 1)})
 
 
 def fit_stage(model, number: int, depth: int | None, loader, val_loader, config: TrainConfig, run: Path,
-              preprocessing, classes: list[str], weights, *, update_bn: bool) -> dict:
-    """Fine-tune stage `number` through Lightning, saved as RUN/stages/stageN.pt; the model keeps
-    its best epoch."""
-    name, started = f"stage{number}", time.perf_counter()
+              preprocessing, classes: list[str], weights, *, update_bn: bool, name: str = "") -> dict:
+    """Fine-tune stage `number` through Lightning, saved as RUN/stages/stageN.pt (`name`, where
+    given); the model keeps its best epoch."""
+    name, started = name or f"stage{number}", time.perf_counter()
     # Each stage draws its own random views and dropout masks from the run's seed, whatever came
     # before it (cached features, a resumed run): the same command gives the same model.
     L.seed_everything(config.seed + number, verbose=False)

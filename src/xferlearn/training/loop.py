@@ -187,11 +187,16 @@ def fit(module: ClassifierModule, train_data, val_data, config: TrainConfig, run
             last_auc = next((row["val_auc"] for row in reversed(read_history(history)) if row.get("val_auc")), None)
         return {"kept": "the last epoch", "last_epoch_val_auc": None if last_auc is None else float(last_auc),
                 "epochs_run": trainer.current_epoch}
-    best_path = best[0].best_model_path
+    best_path, score = best[0].best_model_path, best[0].best_model_score
+    if not best_path and (run.lightning(stage) / "best.ckpt").exists():
+        # Resumed after its last epoch (killed before the caller saved the result): no epoch ran in
+        # this call, so the callback chose nothing; the best epoch is on disk and in the log.
+        best_path = str(run.lightning(stage) / "best.ckpt")
+        scores = [float(row["val_auc"]) for row in read_history(history) if row.get("val_auc")]
+        score = max(scores, default=None)
     if best_path:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    score = best[0].best_model_score
     return {"best_epoch_val_auc": None if score is None else float(score), "best_checkpoint": best_path,
             "epochs_run": trainer.current_epoch}
 

@@ -33,7 +33,6 @@ from ..errors import XferlearnError
 from ..evaluation.metrics import bootstrap_intervals, named_positive_index
 from ..models.backbones import create_model, resolve
 from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
-from ..models.ensemble import is_ensemble
 from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
 from .crossfit import crossfit_head, crossfit_operating_point
@@ -159,9 +158,6 @@ def train_here(config: TrainConfig) -> TrainResult:
     layout = find_layout(config.data, config.val)
     positive = named_positive_index(layout.classes, config.positive_class)
     arch = resolve(config.backbone)
-    if is_ensemble(arch) and config.recipe != "linear":
-        raise XferlearnError(f"an ensemble ({config.backbone}) trains with --recipe linear (a head per member on "
-                             "frozen features); --recipe finetune trains one network.")
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
                                                      config.image_size)
     # One writer per run folder for the whole command: rank 0 holds the lock for its processes.
