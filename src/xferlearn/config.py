@@ -58,8 +58,9 @@ GRAYSCALE_LINEAR_VIEWS = (0.25, "noise")
 # better than Lite0 alone (AUC 0.960 against 0.944, paired 95% CI of the gain +0.010 to +0.022),
 # where every random split read 0.999 (benchmarks/RESULTS.md, session 5). It costs about 3.6x
 # Lite0's time; `--backbone efficientnet_lite0` is the fast choice. The fine-tune trains Lite0 alone by
-# default: Lite0+Lite1 ranked the conflict split's held-out images better (+0.0033 AUC on average over
-# three seeds) for 2.2x its time, beyond issue 10's 45 minutes on 2 AVX2 cores (session 17).
+# default: Lite0+Lite1 fine-tuned as one model ranked the conflict split's held-out images better
+# (+0.0039 AUC on average over three seeds) for about 2.3x its time, beyond issue 10's 45 minutes on
+# 2 AVX2 cores (session 17).
 # Each member runs at its own weights' input size (224, 240, 260) even on 224 px images: all at 224
 # ranked held-out images worse (-0.0059, 95% CI -0.0104 to -0.0017) for 16% fewer multiply-adds,
 # all at 260 no better (-0.0008, -0.0042 to +0.0024; session 11).

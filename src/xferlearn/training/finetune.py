@@ -253,9 +253,10 @@ def finetune(model: torch.nn.Module, manifest: Manifest, train_idx, val_idx, con
     An ensemble (`--backbone a+b`) is fine-tuned member by member, each through the path it takes
     in the ensemble (the ensemble's input, resized and re-normalised for it) with its own head,
     stages and stage choice; the run's temperature and threshold then come from their mean. On the
-    sharpness-conflict split's held-out images, Lite0 and Lite1 fine-tuned apart and averaged ranked
-    better than Lite0 alone at all three seeds (AUC +0.0053, +0.0011, +0.0035) for about 2.2x the
-    time (benchmarks/RESULTS.md, session 17), so it is an option, not the default."""
+    sharpness-conflict split's held-out images, Lite0+Lite1 so trained ranked better than Lite0 alone
+    at two seeds of three (AUC +0.0087, -0.0011, +0.0040; accuracy at its own threshold 0.918
+    against 0.903 on average) for about 2.3x the time (benchmarks/RESULTS.md, session 17): an
+    option, not the default, which must fit 45 minutes on 2 AVX2 cores."""
     if isinstance(model, Ensemble):
         members = per_member(finetune_network, model, arch, "", manifest, train_idx, val_idx, config,
                              preprocessing=preprocessing, cache=cache, run=run)
