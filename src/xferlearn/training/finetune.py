@@ -176,8 +176,9 @@ class FinetuneModule(ClassifierModule):
         except OnnxUnavailable as reason:
             engine = None
             message = f"Frozen layers on PyTorch instead of ONNX Runtime: {reason}"
-        else:
-            message = engine and f"Fine-tune on a CPU: {engine.describe()}."
+        else:  # None: nothing leading is frozen, or the network (an ensemble's member) does not split
+            message = (f"Fine-tune on a CPU: {engine.describe()}." if engine else
+                       "Frozen layers on PyTorch: --frozen-engine onnx found no frozen prefix to split off here.")
         if message and not self._said_frozen:
             console.print(message)
             self._said_frozen = True
