@@ -203,6 +203,9 @@ class TrainConfig:
             self.backbone = DEFAULT_BACKBONE[self.recipe]
         if self.tta is None:
             self.tta = DEFAULT_TTA[self.recipe]
+        for flag, value in (("--seed", self.seed), ("--split-seed", self.split_seed)):
+            # numpy and scikit-learn take seeds in 0 .. 2**32 - 1 and raise a traceback outside it
+            need(value is None or 0 <= value < 2**32, f"{flag} must be between 0 and 4294967295, not {value}.")
         need(self.contrast in CONTRASTS, f"--contrast must be one of {CONTRASTS}, not {self.contrast!r}.")
         need(self.augment in (None, *AUGMENT_PRESETS),
              f"--augment must be one of {AUGMENT_PRESETS}, not {self.augment!r}.")

@@ -279,6 +279,8 @@ class _FailingFile:
     (["train", "{data}", "--backbone", "resnet5O"], "Unknown backbone|not a known|resnet50"),
     (["train", "{data}", "--recipe", "magic"], "--recipe must be one of"),
     (["train", "{data}", "--val-fraction", "0.9"], "--val-fraction"),
+    (["train", "{data}", "--seed", "-1"], "--seed must be between 0 and"),
+    (["train", "{data}", "--split-seed", "-1"], "--split-seed must be between 0 and"),
     (["train", "{empty}"], "no class folders"),
     (["train", "{data}", "--weights", "/no/such/file.pth", "--backbone", "resnet18"], "/no/such/file.pth"),
     (["predict", "{empty}", "x.jpeg"], "No checkpoint"),

@@ -333,10 +333,10 @@ def fit_head_stage(model, manifest, train_idx, val_idx, config, arch, weights_ta
 
 
 def fit_stage(model, number: int, depth: int | None, loader, val_loader, config: TrainConfig, run: Path,
-              preprocessing, classes: list[str], weights, *, update_bn: bool, name: str = "") -> dict:
-    """Fine-tune stage `number` through Lightning, saved as RUN/stages/stageN.pt (`name`, where
-    given); the model keeps its best epoch."""
-    name, started = name or f"stage{number}", time.perf_counter()
+              preprocessing, classes: list[str], weights, *, update_bn: bool, name: str) -> dict:
+    """Fine-tune stage `number` through Lightning, saved as RUN/stages/NAME.pt (stageN, or an
+    ensemble member's memberK-stageN); the model keeps its best epoch."""
+    started = time.perf_counter()
     # Each stage draws its own random views and dropout masks from the run's seed, whatever came
     # before it (cached features, a resumed run): the same command gives the same model.
     L.seed_everything(config.seed + number, verbose=False)

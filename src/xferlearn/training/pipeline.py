@@ -118,8 +118,9 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
         everything = np.arange(len(manifest.samples))
         return manifest, everything, everything[:0], f"{k}-fold cross-fitting over every image, " \
             f"stratified by class, {grouping(manifest)}, seed {config.split_random_state}", k
-    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.split_random_state, group_by=config.group_by,
-                                               groups_csv=config.groups, val_groups=config.val_group_list())
+    train_idx, val_idx, how = split_validation(manifest, config.val_fraction, config.split_random_state,
+                                               group_by=config.group_by, groups_csv=config.groups,
+                                               val_groups=config.val_group_list())
     console.print(f"Validation split: {len(val_idx)} images ({how}).")
     return manifest, train_idx, val_idx, how, 0
 
