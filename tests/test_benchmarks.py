@@ -1,6 +1,6 @@
 """A benchmark that benchmarks/RESULTS.md quotes runs on the library as it is now
 (benchmarks/conflict_linear.py stopped running after the feature store changed, unnoticed).
-Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py; the other benchmarks have no such test yet."""
+Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py, compare_oof.py; the other benchmarks have no such test yet."""
 
 import shutil
 import subprocess
@@ -62,3 +62,20 @@ def test_finetune_step_times_both_engines_per_depth():
     assert [row[1].strip() for row in rows] == ["2", "all"]
     assert "blocks frozen" in rows[0][2] and "no split" in rows[1][2]
     assert float(rows[0][6]) < 1e-3  # the two engines' logits differ by rounding only
+
+
+def test_compare_oof_pairs_two_cross_fitted_runs_and_refuses_a_held_out_one(tmp_path, tiny_run):
+    import xferlearn
+    from conftest import TINY, make_folder
+
+    data = make_folder(tmp_path / "data", per_class=12)
+    runs = [xferlearn.train(data=str(data), out=str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
+                            **{**TINY, "cv": 3, "epochs": epochs}).run_dir for name, epochs in (("a", 3), ("b", 1))]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "compare_oof.py"), *map(str, runs), "--boot", "20"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| a vs b |")][0]
+    assert row[2].strip() == "24" and all("(" in row[i] and " to " in row[i] for i in (4, 6))
+    held_out = subprocess.run([sys.executable, str(BENCHMARKS / "compare_oof.py"), str(runs[0]), str(tiny_run)],
+                              capture_output=True, text=True, timeout=600)
+    assert held_out.returncode != 0 and "was not cross-fitted" in held_out.stderr

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from xferlearn.data.contrast import equalize, equalize_tensor, is_gray, is_grayscale_set, resolve_contrast
+from xferlearn.data.contrast import (equalize, equalize_tensor, is_gray, is_grayscale_folder, is_grayscale_set,
+                                     resolve_contrast)
 from xferlearn.data.images import Preprocessing
 from xferlearn.errors import XferlearnError
 
@@ -65,3 +66,21 @@ def test_preprocessing_records_the_step_and_old_records_read_as_none():
     assert Preprocessing.from_dict(plain.to_dict()).contrast == "none"
     with pytest.raises(XferlearnError, match="contrast"):
         Preprocessing.from_dict(pre.to_dict() | {"contrast": "sharpen"})
+
+
+def test_a_folder_is_told_grayscale_or_colour_from_its_files_before_any_decode_at_model_size(tmp_path):
+    """Train decides its input size on this before scanning: unreadable files are passed over, one
+    colour image makes a colour set, a folder with nothing readable is not called grayscale."""
+    from PIL import Image
+
+    files = []
+    for i, mode in enumerate(("L", "RGB", "L")):  # an RGB file whose channels are equal is gray too
+        files.append(tmp_path / f"gray{i}.{'jpeg' if mode == 'L' else 'png'}")
+        Image.fromarray(low_contrast_gray(i, size=400)).convert(mode).save(files[-1])
+    (tmp_path / "broken.jpeg").write_bytes(b"not an image")
+    files.append(tmp_path / "broken.jpeg")
+    assert is_grayscale_folder(files)
+    tinted = np.asarray(Image.open(files[1])).astype(int) * [1.0, 0.9, 0.8]
+    Image.fromarray(tinted.astype(np.uint8)).save(tmp_path / "colour.png")
+    assert not is_grayscale_folder([*files, tmp_path / "colour.png"])
+    assert not is_grayscale_folder([tmp_path / "broken.jpeg"]) and not is_grayscale_folder([])

@@ -14,6 +14,8 @@ import xferlearn
 from xferlearn.models.checkpoint import load_checkpoint, save_checkpoint
 from xferlearn.cli import main
 from xferlearn.config import TrainConfig
+from xferlearn.data.contrast import is_grayscale_folder
+from xferlearn.data.folders import find_layout, training_files
 from xferlearn.errors import XferlearnError
 
 
@@ -188,6 +190,35 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
     assert (load_checkpoint(colour).config["views"], load_checkpoint(colour).config["augment"]) == (0, "article")
     with pytest.raises(XferlearnError, match=r"--contrast must be one of \('auto', 'clahe', 'none'\)"):
         TrainConfig(data=str(image_folder), contrast="sharpen")
+
+
+def test_colour_images_go_through_the_packaged_networks_at_320_px(tmp_path, image_folder):
+    """The linear recipe on colour images with the packaged EfficientNet-Lites, --image-size left out:
+    320 px (config.COLOUR_IMAGE_SIZE), saved with the run so predict uses it; grayscale images, other
+    networks, the fine-tune and a size the user gave keep theirs."""
+    from PIL import Image
+
+    lite0 = dict(backbone="efficientnet_lite0", epochs=2, views=0, cv=0)
+    gray = xferlearn.train(data=str(image_folder), out=str(tmp_path / "gray"), **lite0).run_dir
+    assert load_checkpoint(gray).image_size is None and load_checkpoint(gray).preprocessing.input_size == 224
+    for path in image_folder.rglob("*.jpeg"):  # the same images, tinted: a colour set
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        Image.fromarray((rgb * [1.0, 0.8, 0.6]).astype(np.uint8)).save(path)
+    assert not is_grayscale_folder(training_files(find_layout(image_folder)))
+    colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **lite0).run_dir
+    checkpoint = load_checkpoint(colour)
+    assert checkpoint.image_size == 320 and checkpoint.preprocessing.input_size == 320
+    assert json.loads((colour / "config.json").read_text())["image_size"] == 320
+    model = xferlearn.load(colour, device="cpu")
+    assert model.preprocessing.input_size == 320
+    assert len(model.predict(sorted(image_folder.rglob("*.jpeg"))[:3])) == 3
+    mine = xferlearn.train(data=str(image_folder), out=str(tmp_path / "mine"), image_size=256, **lite0).run_dir
+    assert load_checkpoint(mine).image_size == 256
+    other = {**TINY, "image_size": None}  # resnet18 without packaged weights: its own 224
+    assert load_checkpoint(xferlearn.train(data=str(image_folder), out=str(tmp_path / "other"), **other).run_dir
+                           ).preprocessing.input_size == 224
+    finetune = TrainConfig(data="x", recipe="finetune")
+    assert not finetune.resolve_image_size(grayscale=False, packaged=True) and finetune.image_size is None
 
 
 def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_path, image_folder):

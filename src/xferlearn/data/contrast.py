@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .images import is_gray
+from .images import UnreadableImage, decode_file, is_gray
 
 CLIP_LIMIT = 2.0  # OpenCV's usual setting; contrast is amplified at most this much per tile
 TILES = 8  # an 8x8 grid of tiles: 28 px tiles on a 224 px image
 AUTO_SAMPLE = 64  # images looked at to tell a grayscale set from a colour one
+GRAY_CHECK_SIZE = 64  # pixels they are decoded at for it: equal channels stay equal at any size
 DESCRIPTION = (f"CLAHE (OpenCV createCLAHE, clip limit {CLIP_LIMIT}, {TILES}x{TILES} tiles) on the gray channel, "
                "or on the lightness of the Lab form of a colour image")
 
@@ -42,6 +43,21 @@ DESCRIPTION = (f"CLAHE (OpenCV createCLAHE, clip limit {CLIP_LIMIT}, {TILES}x{TI
 def is_grayscale_set(arrays) -> bool:
     """Whether every one of `arrays` (a spread sample of the training images) is grayscale."""
     return all(is_gray(array) for array in arrays)
+
+
+def is_grayscale_folder(files) -> bool:
+    """Whether a spread sample of AUTO_SAMPLE of `files` (a training folder's images) is grayscale,
+    decoded small: a train run decides its input size on it before the images are decoded at that size.
+    Unreadable files are passed over here; the scan reports them."""
+    files = list(files)
+    spread = np.linspace(0, len(files) - 1, min(AUTO_SAMPLE, len(files))).astype(int)
+    arrays = []
+    for path in (files[i] for i in spread):
+        try:
+            arrays.append(decode_file(path, GRAY_CHECK_SIZE))
+        except UnreadableImage:
+            continue
+    return bool(arrays) and is_grayscale_set(arrays)
 
 
 def resolve_contrast(option: str, grayscale: bool) -> str:

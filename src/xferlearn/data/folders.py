@@ -132,6 +132,11 @@ def find_layout(root: str | Path, val: str | Path | None = None) -> Layout:
     return Layout(train_roots, test_root, classes, val_root)
 
 
+def training_files(layout: Layout) -> list[Path]:
+    """Every file under the training roots' class folders, in scan order."""
+    return [path for root in layout.train_roots for name in layout.classes for path in _list_files(root / name)]
+
+
 def count_images(root: Path, classes: list[str]) -> dict[str, int]:
     """Image files per class folder, by extension (cheap: nothing is read)."""
     return {name: sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in _list_files(root / name)) for name in classes}

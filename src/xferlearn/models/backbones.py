@@ -148,6 +148,11 @@ def create_model(name: str, weights: str = "default", num_classes: int = 2,
     return model, preprocessing, tag
 
 
+def is_packaged(arch: str) -> bool:
+    """Whether `arch` (resolved; an ensemble's members each) is a network whose weights ship as a package."""
+    return all(member in PACKAGED for member in member_names(arch))
+
+
 def default_input_size(arch: str) -> int:
     return PACKAGED[arch].input_size if arch in PACKAGED else int(get_pretrained_cfg(arch).input_size[-1])
 

@@ -1,6 +1,8 @@
 """`train()`: the whole job, from a folder to a checkpoint.
 
-1. build the backbone (a clear error now beats one after an hour of decoding);
+1. tell grayscale from colour on a sample of the images (it decides the input size, the contrast
+   step and the default views), and build the backbone (a clear error now beats one after an
+   hour of decoding);
 2. scan the folder and decide the validation: a provided validation folder large enough to
    choose on; else, on small data, K-fold cross-fitting (crossfit.py); else a held-out split,
    grouped by patient where file names carry one; save it with the run (with image hashes);
@@ -25,13 +27,13 @@ from .._io import file_sha256, os_error, write_json
 from ..config import TrainConfig
 from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
 from ..data.folders import (Manifest, count_images, find_layout, folder_split, grouping, save_split, scan,
-                            split_validation, use_validation_folder)
+                            split_validation, training_files, use_validation_folder)
 from ..data.phash import hashes
-from ..data.contrast import AUTO_SAMPLE, is_grayscale_set, resolve_contrast
+from ..data.contrast import is_grayscale_folder, resolve_contrast
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
 from ..evaluation.metrics import bootstrap_intervals, named_positive_index
-from ..models.backbones import create_model, resolve
+from ..models.backbones import create_model, is_packaged, resolve
 from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
 from ..rundir import RunDir
 from .calibration import calibrate, write_validation_predictions
@@ -125,14 +127,11 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
     return manifest, train_idx, val_idx, how, 0
 
 
-def choose_for_images(config: TrainConfig, manifest: Manifest, train_idx, cache: DecodeCache, preprocessing):
-    """What depends on whether the images are grayscale (a spread sample of the training images):
-    the contrast step (`--contrast auto`: CLAHE for grayscale) and the linear recipe's default
-    views (sensor-noise views for grayscale). Returns the preprocessing with its contrast step
-    resolved, sets the cache to apply it and fills in `config.views` and `config.augment`."""
-    sample = np.asarray(train_idx)[np.linspace(0, len(train_idx) - 1, min(AUTO_SAMPLE, len(train_idx))).astype(int)]
-    paths, digests = manifest.paths, manifest.digests  # each a list built per access: once here
-    grayscale = is_grayscale_set(cache.get(paths[i], digests[i]) for i in sample)
+def choose_for_images(config: TrainConfig, grayscale: bool, cache: DecodeCache, preprocessing):
+    """What depends on whether the images are grayscale, besides the input size (train_here): the
+    contrast step (`--contrast auto`: CLAHE for grayscale) and the linear recipe's default views
+    (sensor-noise views for grayscale). Returns the preprocessing with its contrast step resolved,
+    sets the cache to apply it and fills in `config.views` and `config.augment`."""
     contrast = resolve_contrast(config.contrast, grayscale)
     if config.contrast == "auto":
         console.print("Contrast: CLAHE (local equalisation), as the images are grayscale (--contrast none: off)."
@@ -159,15 +158,19 @@ def train_here(config: TrainConfig) -> TrainResult:
     layout = find_layout(config.data, config.val)
     positive = named_positive_index(layout.classes, config.positive_class)
     arch = resolve(config.backbone)
+    grayscale = is_grayscale_folder(training_files(layout))
+    if config.resolve_image_size(grayscale, is_packaged(arch)):
+        console.print(f"Input size: {config.image_size} px, as the images are in colour (the networks' features "
+                      "describe a photograph better above their own 224-260 px; --image-size to choose).")
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
                                                      config.image_size)
     # One writer per run folder for the whole command: rank 0 holds the lock for its processes.
     with RunDir(config.out).lock("train") if is_rank_zero() else nullcontext():
-        return _train(config, model, preprocessing, weights_tag, arch, layout, positive, started)
+        return _train(config, model, preprocessing, weights_tag, arch, layout, positive, grayscale, started)
 
 
 def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: str, layout, positive: int | None,
-           started: float) -> TrainResult:
+           grayscale: bool, started: float) -> TrainResult:
     run = prepare_run(config)
     barrier()  # every process has checked for a finished run before rank 0 may write one
     if is_rank_zero():
@@ -177,7 +180,7 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     if not is_rank_zero():
         barrier()  # rank 0 decodes into the shared cache first; the others then only read and hash
     manifest, train_idx, val_idx, how, folds = split(config, layout, cache)
-    preprocessing = choose_for_images(config, manifest, train_idx, cache, preprocessing)
+    preprocessing = choose_for_images(config, grayscale, cache, preprocessing)
     if is_rank_zero():
         barrier()
         save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
