@@ -41,7 +41,8 @@ from sklearn.metrics import roc_auc_score
 
 from ensemble import paired_auc_cell  # benchmarks/ensemble.py, beside this file
 from xferlearn.config import TrainConfig
-from xferlearn.data.folders import find_layout, scan
+from xferlearn.data.contrast import is_grayscale_folder
+from xferlearn.data.folders import find_layout, scan, training_files
 from xferlearn.data.images import DecodeCache
 from xferlearn.evaluation.metrics import compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold
@@ -81,7 +82,7 @@ def member_features(run: str, held_out: str):
     split = json.loads(RunDir(run).split.read_text())
     row = {digest: i for i, digest in enumerate(manifest.digests)}
     train_idx, val_idx = (np.array([row[s["digest"]] for s in split[side]]) for side in ("train", "val"))
-    preprocessing = choose_for_images(config, manifest, train_idx, cache, raw_preprocessing)
+    preprocessing = choose_for_images(config, is_grayscale_folder(training_files(layout)), cache, raw_preprocessing)
     held = scan([held_out], cache, classes=checkpoint.classes, dedupe=False)  # every file, as compare_runs.py
     everything = np.arange(len(held.samples))
     if isinstance(model, Ensemble):
