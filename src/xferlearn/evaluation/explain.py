@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import textwrap
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -196,12 +197,13 @@ def caption(predictor: Predictor, explanation: Explanation) -> str:
 def render_png(predictor: Predictor, explanation: Explanation, *, title: str | None = None,
                truth: str | None = None) -> bytes:
     """The image beside its heatmap overlay, the call as a caption; PNG bytes."""
-    figure = Figure(figsize=(6.4, 3.9), dpi=100)
+    figure = Figure(figsize=(6.4, 3.9), dpi=100, layout="constrained")  # makes room for the titles
     left, right = figure.subplots(1, 2)
     left.imshow(explanation.image)
     left.set_title("image", fontsize=9)
     right.imshow(explanation.overlay)
-    right.set_title(f"Grad-CAM for {explanation.class_name} ({explanation.layer})", fontsize=9)
+    # Wrapped to the panel's width: an ensemble's layer list would run over the image's title.
+    right.set_title(textwrap.fill(f"Grad-CAM for {explanation.class_name} ({explanation.layer})", 52), fontsize=9)
     for axes in (left, right):
         axes.axis("off")
     lines = [title] if title else []
@@ -209,7 +211,6 @@ def render_png(predictor: Predictor, explanation: Explanation, *, title: str | N
     if truth is not None:
         lines.append(f"true class: {truth}")
     figure.suptitle("\n".join(lines), fontsize=9)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
