@@ -75,10 +75,11 @@ GRAYSCALE_LINEAR_VIEWS = (0.25, "noise")
 # alone gained at 320 (Lite0 and Lite2 the most of 288, 320 and 352). Chosen so, then scored once
 # on val/ (153 images): accuracy 0.961 against 0.941, AUC +0.0096 (95% CI +0.0021 to +0.0207). On
 # chest X-rays (grayscale) it did not help: the sharpness-conflict split's held-out AUC -0.0034
-# (95% CI -0.0076 to +0.0009), so grayscale sets keep each network's own size. The three networks
-# take 1.59x their time per image on ONNX Runtime (26 ms against 16 on 2 AVX-512 cores); the ants
-# and bees' run took 23 s against 18 s end to end (benchmarks/RESULTS.md, session 18). Other
-# networks keep their own size: not measured here.
+# (95% CI -0.0076 to +0.0009), the NORMAL2 batch held out -0.0004 (-0.0030 to +0.0020), so
+# grayscale sets keep each network's own size. The three networks take 1.59x their time per image
+# on ONNX Runtime (26 ms against 16 on 2 AVX-512 cores); the ants and bees' run took 23 s against
+# 18 s end to end (benchmarks/RESULTS.md, session 18). Other networks keep their own size: not
+# measured here.
 COLOUR_IMAGE_SIZE = 320
 DEFAULT_BACKBONE = {"linear": "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2",
                     "finetune": "efficientnet_lite0"}
