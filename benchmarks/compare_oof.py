@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ensemble import validation_probabilities  # benchmarks/ensemble.py, beside this file
+from ensemble import stratified_resamples, validation_probabilities  # benchmarks/ensemble.py, beside this file
 
 
 def out_of_fold(run: Path) -> tuple[dict[str, int], dict[str, np.ndarray], int, float]:
@@ -48,13 +48,9 @@ def compare(a: Path, b: Path, n_boot: int) -> str:
     pa = np.array([probs_a[f][positive] for f in files]).clip(1e-7, 1 - 1e-7)
     pb = np.array([probs_b[f][positive] for f in files]).clip(1e-7, 1 - 1e-7)
     loss_a, loss_b = (-np.log(np.where(y == 1, p, 1 - p)) for p in (pa, pb))
-    rng = np.random.default_rng(0)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    auc_diffs, loss_diffs = np.empty(n_boot), np.empty(n_boot)
-    for k in range(n_boot):  # stratified: both classes in every resample
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        auc_diffs[k] = roc_auc_score(y[idx], pa[idx]) - roc_auc_score(y[idx], pb[idx])
-        loss_diffs[k] = loss_a[idx].mean() - loss_b[idx].mean()
+    resamples = list(stratified_resamples(y, n_boot))  # the same ones for both differences
+    auc_diffs = np.array([roc_auc_score(y[idx], pa[idx]) - roc_auc_score(y[idx], pb[idx]) for idx in resamples])
+    loss_diffs = np.array([loss_a[idx].mean() - loss_b[idx].mean() for idx in resamples])
     cell = lambda d, point: f"{point:+.4f} ({np.percentile(d, 2.5):+.4f} to {np.percentile(d, 97.5):+.4f})"
     accuracy = lambda p, t: np.mean((p >= t) == y)
     return (f"| {a.name} vs {b.name} | {len(y)} | {roc_auc_score(y, pa):.4f} / {roc_auc_score(y, pb):.4f} | "

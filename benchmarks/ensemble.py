@@ -39,14 +39,19 @@ def validation_probabilities(run: Path) -> tuple[list[str], list[str], np.ndarra
     return [row["file"] for row in rows], [row["label"] for row in rows], probs, classes
 
 
-def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0):
-    """Mean and 95% interval of AUC(a) - AUC(b) over stratified resamples shared by both, and P(a > b)."""
+def stratified_resamples(y: np.ndarray, n_boot: int, seed: int = 0):
+    """`n_boot` bootstrap index arrays of binary labels `y`, each class resampled on its own (so
+    every resample holds both classes), the same ones for the same seed."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    diffs = np.empty(n_boot)
-    for k in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        diffs[k] = roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx])
+    for _ in range(n_boot):
+        yield np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+
+
+def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0):
+    """Mean and 95% interval of AUC(a) - AUC(b) over stratified resamples shared by both, and P(a > b)."""
+    diffs = np.array([roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx])
+                      for idx in stratified_resamples(y, n_boot, seed)])
     return float(diffs.mean()), np.percentile(diffs, [2.5, 97.5]), float((diffs > 0).mean())
 
 
