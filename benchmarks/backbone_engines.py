@@ -31,7 +31,7 @@ from machine import describe  # benchmarks/machine.py
 from xferlearn.models.base import cpu_supports_bf16, usable_cores
 from xferlearn.models.features import PooledFeatures
 from xferlearn.models.inference import FastForward
-from xferlearn.models.onnx_forward import OnnxForward
+from xferlearn.models.onnx_forward import DEPTHWISE_SHARE_FOR_ONNX, OnnxForward, depthwise_share, feature_engine
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -117,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe()}; native bf16: {'yes' if cpu_supports_bf16() else 'no'}; {threads} threads; "
           f"torch {torch.__version__}")
     print(f"{args.backbone} at {args.size} px, batches of {args.batch}, random pixels, {args.rounds} rounds of "
-          f"{args.seconds:g} s per engine, taking turns\n")
+          f"{args.seconds:g} s per engine, taking turns")
+    share = depthwise_share(model, args.size)
+    print(f"depthwise convolutions: {share:.3f} of the multiply-adds (ONNX Runtime's share from "
+          f"{DEPTHWISE_SHARE_FOR_ONNX}); --feature-engine auto picks "
+          f"{feature_engine('auto', torch.device('cpu'), 'auto', model, args.size)} here\n")
     print("| engine | images/s | x FastForward fp32 eager | set-up s (compile, export) |")
     print("|---|---|---|---|")
     for name, (images, seconds) in done.items():

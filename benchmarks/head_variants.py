@@ -95,7 +95,7 @@ def member_features(run: str, held_out: str):
         views, val_rows = compute_features(member, manifest, train_idx, val_idx, config, arch, tag, preprocessing,
                                            cache)
         [(_, held_rows)], _ = compute_features(member, held, everything, everything[:0], replace(config, views=0),
-                                               arch, tag, preprocessing, cache)
+                                               arch, tag, preprocessing, cache, scored_training=True)
         matrix = lambda table: table.read(np.arange(len(table)))  # noqa: E731
         out.append(((np.concatenate([matrix(t) for _, t in views]),
                      np.concatenate([manifest.labels[idx] for idx, _ in views])),

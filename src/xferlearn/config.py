@@ -169,7 +169,9 @@ class TrainConfig:
                            COMPILE_MODES)
     feature_engine: str = _option("auto", "what runs the frozen backbone over the images, and the fine-tune's "
                                   "validation passes; auto: ONNX Runtime (fp32) on a CPU unless --precision bf16 "
-                                  "(2.6x PyTorch's compiled fp32 on 2 AVX2 cores), PyTorch on a GPU", FEATURE_ENGINES)
+                                  "(2.6x PyTorch's compiled fp32 on 2 AVX2 cores), except PyTorch's bf16 for the "
+                                  "training views of networks of dense convolutions (VGG, ResNet, Inception) "
+                                  "where the CPU computes bf16 natively; PyTorch on a GPU", FEATURE_ENGINES)
     seed: int = _option(0, "random seed of splits, augmentation and training")
     split_seed: int | None = _option(None, "seed of the validation split and of cross-fitting's folds alone "
                                      "(default: --seed); keep it fixed to compare --seed values on the same "

@@ -91,6 +91,24 @@ def test_auto_is_onnx_runtime_on_a_cpu_unless_bf16_is_asked_for():
     assert feature_engine("torch", cpu, "fp32") == "torch"
 
 
+def test_auto_gives_networks_of_dense_convolutions_to_pytorchs_bf16_where_the_cpu_computes_it(model, monkeypatch):
+    from xferlearn.models import onnx_forward
+
+    separable = torch.nn.Sequential(  # an inverted residual: 1x1 up, 3x3 depthwise, 1x1 down
+        torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 48, 1), torch.nn.Conv2d(48, 48, 3, padding=1, groups=48),
+        torch.nn.BatchNorm2d(48), torch.nn.Conv2d(48, 8, 1)).train()
+    # per pixel: 3x8 + 8x48 + 48x9 + 48x8 multiply-adds, the depthwise 48x9 of them
+    assert onnx_forward.depthwise_share(separable, 16) == pytest.approx(432 / 1224)
+    assert separable.training and separable[3].num_batches_tracked == 0  # counted without training it
+    assert onnx_forward.depthwise_share(model, 64) == 0  # resnet18: dense convolutions only
+    cpu = torch.device("cpu")
+    for native, dense_engine in ((True, "torch"), (False, "onnx")):
+        monkeypatch.setattr(onnx_forward, "cpu_supports_bf16", lambda: native)
+        assert feature_engine("auto", cpu, "auto", model, 64) == dense_engine
+        assert feature_engine("auto", cpu, "auto", separable, 16) == "onnx"
+        assert feature_engine("auto", cpu, "fp32", model, 64) == "onnx"  # fp32 asked for: ONNX Runtime computes it
+
+
 def test_each_engine_keeps_its_own_features_and_pytorchs_key_is_unchanged():
     torch_key = feature_key("resnet18", "none", PRE, "fp32")
     assert feature_key("resnet18", "none", PRE, "fp32", "torch") == torch_key

@@ -26,6 +26,7 @@ from conftest import TINY, make_folder
 from torch.utils.data.distributed import DistributedSampler
 
 import xferlearn
+from xferlearn.models.base import cpu_supports_bf16
 from xferlearn.models.feature_store import FeatureStore
 from xferlearn.training.distributed import gather_rows, unpad_gathered
 
@@ -53,13 +54,14 @@ def cli_flags(options: dict) -> list[str]:
 
 
 def store_rows(cache: Path) -> dict[str, np.ndarray]:
-    """Every (view, image) row of a feature cache."""
-    (key,) = [p.name for p in (cache / "features").iterdir()]
+    """Every (key, view, image) row of a feature cache (two keys where the training views took
+    another engine than the validation images: `feature_engine`)."""
     rows = {}
-    for view in (cache / "features" / key).iterdir():
-        digests = sorted({d for listing in view.glob("*.digests") for d in listing.read_text().split()})
-        table = FeatureStore(key, cache).rows(view.name, digests).read(np.arange(len(digests)))
-        rows.update({(view.name, d): row for d, row in zip(digests, table)})
+    for key in (cache / "features").iterdir():
+        for view in key.iterdir():
+            digests = sorted({d for listing in view.glob("*.digests") for d in listing.read_text().split()})
+            table = FeatureStore(key.name, cache).rows(view.name, digests).read(np.arange(len(digests)))
+            rows.update({(key.name, view.name, d): row for d, row in zip(digests, table)})
     return rows
 
 
@@ -113,7 +115,10 @@ def test_an_ensemble_fits_member_by_member_in_two_processes(tmp_path):
     data = make_folder(tmp_path / "data", per_class=15)
     one = xferlearn.train(data=str(data), out=str(tmp_path / "one"), cache_dir=str(tmp_path / "cache1"), **options)
     two = train_in_two_processes(data, tmp_path, options)
-    assert len(list((tmp_path / "cache2" / "features").iterdir())) == 2  # one feature table per member
+    # One feature table per member; two where the CPU computes bf16 natively, as the training
+    # views of these dense networks then go through PyTorch's bf16 (feature_engine).
+    tables = 4 if cpu_supports_bf16() else 2
+    assert len(list((tmp_path / "cache2" / "features").iterdir())) == tables
     p1, p2 = predictions(one.run_dir), predictions(two)
     assert p1.keys() == p2.keys() and 0.05 < np.mean(list(p1.values())) < 0.95
     assert max(abs(p1[f] - p2[f]) for f in p1) < 0.02

@@ -139,7 +139,11 @@ def test_feature_cache_is_reused(tmp_path, image_folder, monkeypatch):
 
 def test_a_fractional_view_covers_a_share_of_the_training_images_and_reuses_the_cache(tmp_path, monkeypatch):
     import xferlearn.models.features as features
+    from xferlearn.models import onnx_forward
 
+    # One engine for every view, whatever this CPU: cross-fitting scores its training views, so
+    # they take validation's engine, which a split run's training views need not (feature_engine).
+    monkeypatch.setattr(onnx_forward, "cpu_supports_bf16", lambda: False)
     data = make_folder(tmp_path / "d", per_class=40)
     calls = []
     original = features.FeatureExtractor.__call__
@@ -236,6 +240,25 @@ def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
     with pytest.raises(XferlearnError, match="--feature-engine must be one of"):
         TrainConfig(data=str(image_folder), feature_engine="gpu")
+
+
+def test_training_views_may_take_the_faster_engine_but_validation_scores_as_prediction_does(
+        tmp_path, image_folder, monkeypatch):
+    """Where the CPU computes bf16 natively, a network of dense convolutions computes its training
+    views on PyTorch (feature_engine); the validation images, whose scores choose the epoch and the
+    threshold, stay on ONNX Runtime's fp32, which `predict` runs: the recorded validation
+    probabilities are the ones prediction gives."""
+    from xferlearn.models import onnx_forward
+
+    monkeypatch.setattr(onnx_forward, "cpu_supports_bf16", lambda: True)
+    run = xferlearn.train(data=str(image_folder), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                          **TINY).run_dir
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # the training views' store and validation's
+    with open(run / "validation_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    predicted = xferlearn.predict(run, [row["file"] for row in rows], engine="onnx")
+    recorded = np.array([float(row["p_PNEUMONIA"]) for row in rows])
+    assert np.abs(np.array([row["probabilities"]["PNEUMONIA"] for row in predicted]) - recorded).max() < 2e-4
 
 
 def test_training_builds_the_manifests_lists_a_bounded_number_of_times(tmp_path, monkeypatch):

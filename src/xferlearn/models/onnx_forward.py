@@ -9,7 +9,7 @@ pixels in, the one normalisation inside the graph, as `FastForward` does), check
 outputs against PyTorch's on a batch of random pixels, and runs it with ONNX Runtime at one
 fixed batch size, padding a short last batch: with the batch axis left free, ONNX Runtime
 ran the same graph at 80 images/s instead of 120-134.
-`feature_engine` says which engine `auto` stands for on a given device and precision.
+`feature_engine` says which engine `auto` stands for on a given device, precision and network.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from .base import run_fixed
+from .base import cpu_supports_bf16, run_fixed
 from .inference import NormalizedInput
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,60 @@ class OnnxUnavailable(RuntimeError):
     """This network could not be run by ONNX Runtime here (export failed, too large, or it disagreed)."""
 
 
-def feature_engine(engine: str, device: torch.device, precision: str) -> str:
-    """The engine 'auto' stands for: ONNX Runtime on a CPU unless bf16 was asked for by name,
-    PyTorch on a GPU. Even where a CPU computes bf16 natively, ONNX Runtime's fp32 was the
-    faster: 160 images/s end to end against PyTorch's compiled bf16 109, predicting with
-    EfficientNet-Lite0 on 2 cores of a Xeon with AVX-512 BF16 and AMX (README, speed table)."""
+# A network with less than this share of its multiply-adds in depthwise convolutions is built of
+# dense ones, and there PyTorch's compiled bf16 beat ONNX Runtime's fp32 wherever the CPU computes
+# bf16 natively; above it (inverted residuals: MobileNet, EfficientNet) ONNX Runtime won.
+# `benchmarks/backbone_engines.py`, 2 AVX-512 BF16 cores, compiled bf16 / ONNX Runtime images/s:
+# VGG16 1.64, ResNet-50 1.35, ResNet-18 1.57, Inception v3 1.54, Xception 1.25, DenseNet-121
+# 1.17, ConvNeXt-T 2.03 (depthwise shares 0 to 0.024); MobileNetV2 0.72, EfficientNet-Lite2 at
+# 320 px 0.63, Lite0 0.56 (shares 0.069 to 0.091). benchmarks/RESULTS.md, session 19.
+DEPTHWISE_SHARE_FOR_ONNX = 0.05
+
+
+def depthwise_share(network: torch.nn.Module, input_size: int) -> float:
+    """The share of `network`'s convolution and linear multiply-adds, for one image of
+    `input_size` px, done in depthwise convolutions (one filter per channel). Counted on one
+    forward pass in eval mode, its training flags restored after (BatchNorm statistics untouched)."""
+    counts = {"depthwise": 0, "all": 0}
+
+    def count(module, inputs, output):
+        macs = output.numel() * module.weight[0].numel()  # per output value: in/groups x kh x kw, or in_features
+        counts["all"] += macs
+        if isinstance(module, torch.nn.Conv2d) and 1 < module.groups == module.in_channels:
+            counts["depthwise"] += macs
+
+    layers = [m for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [layer.register_forward_hook(count) for layer in layers]
+    modes = {module: module.training for module in network.modules()}
+    weights = next(network.parameters())
+    try:
+        network.eval()
+        with torch.no_grad(), torch.autocast(weights.device.type, enabled=False):
+            network(torch.zeros(1, 3, input_size, input_size, dtype=weights.dtype, device=weights.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return counts["depthwise"] / max(counts["all"], 1)
+
+
+def feature_engine(engine: str, device: torch.device, precision: str, network: torch.nn.Module | None = None,
+                   input_size: int = 224) -> str:
+    """The engine 'auto' stands for: PyTorch on a GPU, or where bf16 was asked for by name;
+    on a CPU, ONNX Runtime (fp32), except for a `network` of dense convolutions where the CPU
+    computes bf16 natively and `precision` is auto (DEPTHWISE_SHARE_FOR_ONNX). Callers pass the
+    network only for images that train and are never scored (the linear recipe's training views):
+    scores that choose an epoch or a threshold come from the engine `predict` runs. Even on such a
+    CPU ONNX Runtime's fp32 was the faster for EfficientNet-Lite0: 160 images/s end to end
+    against PyTorch's compiled bf16 109, predicting on 2 cores of a Xeon with AMX (README)."""
     if engine != "auto":
         return engine
-    return "onnx" if device.type == "cpu" and precision in ("auto", "fp32") else "torch"
+    if device.type != "cpu" or precision not in ("auto", "fp32"):
+        return "torch"
+    dense = network is not None and precision == "auto" and cpu_supports_bf16() and \
+        depthwise_share(network, input_size) < DEPTHWISE_SHARE_FOR_ONNX
+    return "torch" if dense else "onnx"
 
 
 class OnnxForward:

@@ -86,7 +86,7 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
     everything = np.arange(len(manifest.samples))
     cache = DecodeCache.of(preprocessing, config.cache_dir)
     tables, _ = compute_features(model, manifest, everything, everything[:0], config, arch, weights_tag,
-                                 preprocessing, cache)
+                                 preprocessing, cache, scored_training=True)
     # Small data: every view's rows in memory, with the images each covers (all, or a share).
     train_views = [(idx, table.read(np.arange(len(table)))) for idx, table in tables]
     labels, clean = manifest.labels, train_views[0][1]

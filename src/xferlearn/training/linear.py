@@ -82,22 +82,45 @@ class FeatureRowsDataset(Dataset):
 
 
 def compute_features(model, manifest: Manifest, train_idx, val_idx, config: TrainConfig, arch: str,
-                     weights_tag: str, preprocessing, cache: DecodeCache
+                     weights_tag: str, preprocessing, cache: DecodeCache, scored_training: bool = False
                      ) -> tuple[list[tuple[np.ndarray, FeatureRows]], FeatureRows | None]:
     """Frozen features, from the store where computed before: per training view (view 0 clean,
     the rest augmented) the images it covers (all of `train_idx`, or a share of them where
     `--views` is fractional) and their table; and the clean validation images' table (None
-    without any, as under cross-fitting). In a distributed run each process computes its share."""
+    without any, as under cross-fitting). In a distributed run each process computes its share.
+
+    Images whose scores choose the threshold and the epoch (the validation images; every
+    training view too where `scored_training`, as cross-fitting scores them out of fold) go
+    through the engine `predict` uses on this machine, so validation sees what prediction
+    computes. Views that only train the head may take a faster engine for the network
+    (`feature_engine`: PyTorch's bf16 for dense convolutions where the CPU computes it natively)."""
     here = device(config)
-    engine = feature_engine(config.feature_engine, here, config.precision)
-    precision = "fp32" if engine == "onnx" else resolve_precision(config.precision, here)
-    pick = lambda idx: manifest.take(idx)[:2]  # noqa: E731
+    scoring_engine = feature_engine(config.feature_engine, here, config.precision)
+    training_engine = scoring_engine if scored_training else \
+        feature_engine(config.feature_engine, here, config.precision, model, preprocessing.input_size)
     train_idx, digests = np.asarray(train_idx, dtype=np.int64), manifest.take(train_idx)[1]
     views = [(train_idx, 0, config.augment)]
     for v, share in enumerate(view_shares(config.views), 1):
         covered = train_idx[np.array([in_view(d, v, config.seed, share) for d in digests], dtype=bool)]
         views += [(covered, v, config.augment)] if len(covered) else []
+    n_train = len(views)
     views += [(val_idx, 0, "none")] if len(val_idx) else []
+    engines = [training_engine] * n_train + [scoring_engine] * (len(views) - n_train)
+    tables = [None] * len(views)
+    for engine in dict.fromkeys(engines):  # one or two engines, in a fixed order for every process
+        mine = [i for i, e in enumerate(engines) if e == engine]
+        for i, table in zip(mine, _features_on(engine, model, manifest, [views[i] for i in mine], config, arch,
+                                               weights_tag, preprocessing, cache)):
+            tables[i] = table
+    return [(idx, table) for (idx, _, _), table in zip(views[:n_train], tables)], tables[-1] if len(val_idx) else None
+
+
+def _features_on(engine: str, model, manifest: Manifest, views, config: TrainConfig, arch: str, weights_tag: str,
+                 preprocessing, cache: DecodeCache) -> list[FeatureRows]:
+    """The tables of `views` ((images, view, preset) each) computed on `engine`, or read from its store."""
+    here = device(config)
+    precision = "fp32" if engine == "onnx" else resolve_precision(config.precision, here)
+    pick = lambda idx: manifest.take(idx)[:2]  # noqa: E731
     names = [view_name(v, preset, config.seed) for _, v, preset in views]
 
     def listed(engine: str):
@@ -121,9 +144,7 @@ def compute_features(model, manifest: Manifest, train_idx, val_idx, config: Trai
         for (idx, v, preset), todo in zip(views, missing):
             extract(extractor, *pick(idx), cache, store, todo, view=v, preset=preset, progress=progress, **kwargs)
     barrier()  # every process's part is written: the store is whole
-    tables = [store.rows(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
-    n_train = len(views) - bool(len(val_idx))
-    return [(idx, table) for (idx, _, _), table in zip(views[:n_train], tables)], tables[-1] if len(val_idx) else None
+    return [store.rows(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
 
 
 def train_head(head, train_rows, train_y: np.ndarray, val_rows, val_y: np.ndarray | None, config: TrainConfig,
