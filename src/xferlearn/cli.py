@@ -13,7 +13,8 @@ import sys
 from dataclasses import fields
 
 from .config import COMPILE_MODES, ENGINES, PRECISIONS, TrainConfig
-from .cli_run import UNREADABLE_RULE, add_backbones, add_calibrate, add_explain, add_export, add_serve, add_stress
+from .cli_run import (UNREADABLE_RULE, add_backbones, add_batch_size, add_calibrate, add_explain, add_export,
+                      add_serve, add_stress, batch_size)
 from ._io import atomic_stream, os_error
 from .errors import XferlearnError
 
@@ -98,7 +99,7 @@ def add_evaluate(commands) -> None:
     parser.add_argument("--out", help="where to write the report (default: the run folder)")
     parser.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                         help="print metrics.json to stdout (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
+    add_batch_size(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals "
                                                                     "(default: %(default)s)")
     parser.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
@@ -122,7 +123,7 @@ def add_operating_point_flags(parser) -> None:
 def run_evaluate(args) -> int:
     from .evaluation.evaluate import evaluate
 
-    metrics = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, n_boot=args.bootstrap,
+    metrics = evaluate(args.run, args.data, args.out, batch_size=batch_size(args), n_boot=args.bootstrap,
                        gallery=args.gallery, tta=args.tta, prevalence=args.prevalence, strict=args.strict)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -147,7 +148,7 @@ def add_predict(commands) -> None:
     parser.add_argument("--format", choices=("csv", "json"), default="csv", help="csv or json (default: csv)")
     parser.add_argument("--output", "-o", help="write to this file instead of stdout (default: stdout; written "
                                                "whole at the end, atomically: an interrupted run leaves no partial file)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32, the fastest on 2 cores here)")
+    add_batch_size(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help=f"(--engine torch) one of {', '.join(PRECISIONS)}; auto: bf16 where the hardware "
                              "computes it natively (default: auto)")
@@ -170,7 +171,7 @@ def run_predict(args) -> int:
 
     paths = expand_paths(args.paths)
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
-                            n_images=len(paths), batch_size=args.batch_size, tta=args.tta,
+                            n_images=len(paths), batch_size=batch_size(args), tta=args.tta,
                             prevalence=args.prevalence)
     unreadable = []
 
@@ -180,7 +181,7 @@ def run_predict(args) -> int:
                 unreadable.append(row["file"])
             yield row
 
-    rows = counted(predictor.iter_predict(paths, batch_size=args.batch_size))
+    rows = counted(predictor.iter_predict(paths, batch_size=batch_size(args)))
     if args.output:
         with atomic_stream(args.output, newline="") as out:
             count = write_rows(rows, predictor.classes, args.format, out)

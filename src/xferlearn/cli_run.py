@@ -18,6 +18,27 @@ UNREADABLE_RULE = ("Exit status: 0 when every file was read, 1 when some could n
                    "rest are done), 2 for an error that stops the command (one line saying what to do).")
 
 
+# Images per model call where none is asked for. On 2 CPU cores ONNX Runtime ran the packaged
+# networks 1.1-1.4x faster in batches of 4 or 8 than of 32 (a small batch's activations stay in
+# cache), and `predict` ran 1.1-1.3x faster end to end (benchmarks/RESULTS.md, session 19). A GPU
+# wants larger batches.
+CPU_BATCH, GPU_BATCH = 8, 32
+
+
+def add_batch_size(parser) -> None:
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help=f"images per model call (default: {CPU_BATCH} on a CPU, {GPU_BATCH} with a GPU)")
+
+
+def batch_size(args) -> int:
+    """--batch-size, or the default for the machine (CPU_BATCH, GPU_BATCH)."""
+    from .models.base import gpu_present
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise XferlearnError(f"--batch-size must be at least 1, not {args.batch_size}.")
+    return args.batch_size or (GPU_BATCH if gpu_present() else CPU_BATCH)
+
+
 def add_backbones(commands) -> None:
     parser = commands.add_parser("backbones", help="the backbones and which weights each can get right now",
                                  epilog="example: xferlearn backbones --json")
@@ -153,7 +174,7 @@ def add_calibrate(commands) -> None:
                              "sample's (by default it is then kept: the sample does not show a move) (default: off)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the threshold's 95%% interval (default: 1000)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
+    add_batch_size(parser)
     parser.set_defaults(func=run_calibrate)
 
 
@@ -164,7 +185,7 @@ def run_calibrate(args) -> int:
         raise XferlearnError(f"--bootstrap must be at least 1, not {args.bootstrap}.")
     record = calibrate_site(args.run, args.site_data, args.out, prior=args.prior, threshold=args.threshold,
                             target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
-                            batch_size=args.batch_size, always_move=args.always_move)
+                            batch_size=batch_size(args), always_move=args.always_move)
     after, before, sample = record["after"], record["before"], record["on_sample_after"]
     print(f"calibrated on {sum(record['counts'].values())} images {record['counts']} from {record['site_data']}")
     print(record["decision"])
@@ -199,7 +220,7 @@ def add_stress(commands) -> None:
     parser.add_argument("--severities", type=_csv(int), help="comma-separated subset of 1,2,3,4,5 (default: all)")
     parser.add_argument("--limit", type=int, help="at most N images per class, drawn at random with seed 0 "
                                                   "(default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
+    add_batch_size(parser)
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="auto (default: onnx-int8 where its checked export exists, else onnx on a machine "
                              "without a GPU, else torch), torch, onnx or onnx-int8 (RUN/export, exported on first use)")
@@ -221,7 +242,7 @@ def run_stress(args) -> int:
     from .evaluation.stress_report import summary_lines
 
     record = stress(args.run, args.data, args.out, split=args.split, shifts=args.shifts, severities=args.severities,
-                    limit=args.limit, batch_size=args.batch_size, engine=args.engine)
+                    limit=args.limit, batch_size=batch_size(args), engine=args.engine)
     if args.json:
         print(json.dumps(record, indent=2))
     else:

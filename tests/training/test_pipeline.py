@@ -338,6 +338,7 @@ class _FailingFile:
     (["train", "{empty}"], "no class folders"),
     (["train", "{data}", "--weights", "/no/such/file.pth", "--backbone", "resnet18"], "/no/such/file.pth"),
     (["predict", "{empty}", "x.jpeg"], "No checkpoint"),
+    (["predict", "{empty}", "x.jpeg", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["evaluate", "{empty}", "{data}"], "No checkpoint"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, image_folder, capsys):
