@@ -16,8 +16,9 @@ import torch
 
 from ..models.predictor import BasePredictor
 
-# The batch `predict` uses by default (the fastest of those tried on 2 cores); a larger one makes
-# the first waiters of a burst wait for the last.
+# A larger batch makes the first waiters of a burst wait for the last. Capping it at 8, `predict`'s
+# batch on a CPU, moved nothing beyond noise at 16 clients (47.4 and 48.0 requests/s against 46.5
+# and 46.8, p99 466-482 ms against 480-487; benchmarks/RESULTS.md, session 19), so it stays at 32.
 MAX_BATCH = 32
 
 
