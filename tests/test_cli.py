@@ -57,6 +57,20 @@ def test_train_choices_come_from_config():
     assert str(config.MIN_VAL_PER_CLASS) in commands["train"].format_help()
 
 
+def test_model_calls_take_small_batches_on_a_cpu_and_larger_ones_with_a_gpu(monkeypatch):
+    from xferlearn import cli_run
+    from xferlearn.models import base
+
+    parser = build_parser()
+    for command in (["predict", "RUN", "x.jpeg"], ["evaluate", "RUN", "DATA"], ["stress", "RUN", "DATA"],
+                    ["calibrate", "RUN", "DATA", "--out", "R2"]):
+        for gpu, expected in ((False, cli_run.CPU_BATCH), (True, cli_run.GPU_BATCH)):
+            monkeypatch.setattr(base, "gpu_present", lambda gpu=gpu: gpu)
+            assert cli_run.batch_size(parser.parse_args(command)) == expected, command
+        assert cli_run.batch_size(parser.parse_args(command + ["--batch-size", "3"])) == 3
+    assert (cli_run.CPU_BATCH, cli_run.GPU_BATCH) == (8, 32)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

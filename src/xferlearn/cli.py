@@ -170,8 +170,9 @@ def run_predict(args) -> int:
     from .deploy.predict import load_engine, write_rows
 
     paths = expand_paths(args.paths)
+    size = batch_size(args)
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
-                            n_images=len(paths), batch_size=batch_size(args), tta=args.tta,
+                            n_images=len(paths), batch_size=size, tta=args.tta,
                             prevalence=args.prevalence)
     unreadable = []
 
@@ -181,7 +182,7 @@ def run_predict(args) -> int:
                 unreadable.append(row["file"])
             yield row
 
-    rows = counted(predictor.iter_predict(paths, batch_size=batch_size(args)))
+    rows = counted(predictor.iter_predict(paths, batch_size=size))
     if args.output:
         with atomic_stream(args.output, newline="") as out:
             count = write_rows(rows, predictor.classes, args.format, out)
