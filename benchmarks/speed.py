@@ -17,9 +17,9 @@ and every xferlearn figure is a user's command timed end to end, start-up includ
    gets by default, named in the report); then the AUC of each against fp32, from the CSVs and the
    folder labels, on the run's validation split and on all images. They must agree within 0.002
    (exit 1 otherwise);
-5. the upper bound of prediction: the int8 model alone (ONNX Runtime, as `predict` sets it up) on
-   random pixels already in memory, no files, no decoding, no start-up; the end-to-end int8 figure
-   is reported as a share of it;
+5. the upper bound of prediction: each ONNX model alone (fp32, and int8 where its check kept it;
+   ONNX Runtime as `predict` sets it up, in predict's batches on a CPU) on random pixels already in
+   memory, no files, no decoding, no start-up; each end-to-end ONNX figure is reported as a share of it;
 6. unless --no-finetune, the fine-tune recipe (`xferlearn train DATA --recipe finetune`), timed
    end to end on the default recipe's warm cache.
 
@@ -182,7 +182,7 @@ UPPER_BOUND = """
 import json, sys, time
 import numpy as np
 from xferlearn.deploy.onnx_runtime import OnnxPredictor
-predictor = OnnxPredictor(sys.argv[1], int8=True)
+predictor = OnnxPredictor(sys.argv[1], int8=sys.argv[4] == "int8")
 size, batch, seconds = predictor.preprocessing.input_size, int(sys.argv[2]), float(sys.argv[3])
 pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
 for _ in range(3):
@@ -195,15 +195,21 @@ print(json.dumps({"images_per_s": done / (time.perf_counter() - started), "batch
 """
 
 
-def upper_bound(run: Path, batch: int = 32, seconds: float = 20.0) -> dict:
-    """The int8 model alone, as `predict --engine onnx-int8` sets it up (threads, batch), on random
-    pixels in memory: what prediction would reach with free decoding, files and start-up."""
-    command = [sys.executable, "-c", UPPER_BOUND, str(run / "export"), str(batch), str(seconds)]
-    print(f"\n$ python -c UPPER_BOUND {run / 'export'} {batch} {seconds}  (benchmarks/speed.py)", flush=True)
+def upper_bound(run: Path, precision: str, seconds: float = 20.0) -> dict:
+    """The ONNX model alone (`precision` fp32 or int8), as `predict --engine onnx|onnx-int8` sets it
+    up (threads, and predict's batch size on a CPU), on random pixels in memory: what prediction
+    would reach with free decoding, files and start-up."""
+    try:
+        from xferlearn.cli_run import CPU_BATCH as batch
+    except ImportError:  # before session 19, predict's batches were 32 everywhere
+        batch = 32
+    command = [sys.executable, "-c", UPPER_BOUND, str(run / "export"), str(batch), str(seconds), precision]
+    print(f"\n$ python -c UPPER_BOUND {run / 'export'} {batch} {seconds} {precision}  (benchmarks/speed.py)",
+          flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"speed: the upper-bound measurement failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "precision": precision}
 
 
 def default_engine(run: Path) -> str:
@@ -293,7 +299,7 @@ def agreement(predictions: list[dict], run: Path) -> list[dict]:
 
 # --- the report -------------------------------------------------------------------------------
 def targets(keras: dict | None, trains: list[dict], predictions: list[dict], agree: list[dict],
-            finetune: dict | None = None, default_val_auc_before: float | None = None, refused=()):
+            finetune: dict | None = None, default_val_auc_before: float | None = None, refused=(), bounds=()):
     """(statement, met) for each figure issue 13 asks of this benchmark (the service's are serve_load.py's)."""
     default = next(t for t in trains if t["name"] == "default")
     auc_note = f", validation AUC {default['val_auc']:.4f}" if default["val_auc"] is not None else ""
@@ -309,8 +315,12 @@ def targets(keras: dict | None, trains: list[dict], predictions: list[dict], agr
     by_label = {p["label"]: p for p in predictions}
     if DEFAULT_LABEL in by_label:
         chosen = by_label[DEFAULT_LABEL]
+        alone = {"onnx": "fp32", "onnx-int8": "int8"}.get(chosen.get("engine"))
+        bound = next((b for b in bounds if b["precision"] == alone), None)
         yield (f"the default `predict` engine ({chosen.get('engine', '?')}) at least 300 img/s end to end "
-               f"({chosen['images_per_s']:.0f} img/s)", chosen["images_per_s"] >= 300)
+               f"({chosen['images_per_s']:.0f} img/s" + (f"; the model alone, no files or decoding: "
+                                                        f"{bound['images_per_s']:.0f} img/s" if bound else "") + ")",
+               chosen["images_per_s"] >= 300)
     int8 = by_label.get("ONNX Runtime int8")
     if int8:
         yield (f"`predict --engine onnx-int8` at least 500 img/s end to end ({int8['images_per_s']:.0f} img/s) with "
@@ -330,7 +340,8 @@ def minutes(seconds: float) -> str:
 
 def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, trains: list[dict],
              predictions: list[dict], export_s: dict[str, float], agree: list[dict], loads: tuple[str, str],
-             bound: dict | None = None, finetune: dict | None = None, refused: list[str] = ()) -> str:
+             bounds: list[dict] = (), finetune: dict | None = None, refused: dict[str, str] | None = None) -> str:
+    refused = refused or {}
     command = shlex.join([sys.executable, *sys.argv])
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["flags"].items())
     soft = ", ".join(f"{k} {v}" for k, v in versions().items())
@@ -369,20 +380,21 @@ def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, t
               "| engine | time | images/s |", "|---|---|---|"]
     lines += [f"| {p['label']}{' = ' + p['engine'] if p.get('engine') else ''} | {p['seconds']:.1f} s | "
               f"{p['images_per_s']:.1f} |" for p in predictions]
-    int8 = next((p for p in predictions if p["label"] == "ONNX Runtime int8"), None)
-    if bound:
-        share = f"; end to end, `predict --engine onnx-int8` runs at {100 * int8['images_per_s'] / bound['images_per_s']:.0f}% " \
-                "of it" if int8 else ""
-        lines.append(f"\nUpper bound: the int8 model alone (ONNX Runtime as `predict` sets it up, batches of "
-                     f"{bound['batch']}) on random pixels in memory, no files, decoding or start-up: "
+    for bound in bounds:
+        label, engine = {"fp32": ("ONNX Runtime", "onnx"), "int8": ("ONNX Runtime int8", "onnx-int8")}[bound["precision"]]
+        measured = next((p for p in predictions if p["label"] == label), None)
+        share = f"; end to end, `predict --engine {engine}` runs at " \
+                f"{100 * measured['images_per_s'] / bound['images_per_s']:.0f}% of it" if measured else ""
+        lines.append(f"\nUpper bound: the {bound['precision']} ONNX model alone (ONNX Runtime as `predict` sets it up, "
+                     f"batches of {bound['batch']}) on random pixels in memory, no files, decoding or start-up: "
                      f"{bound['images_per_s']:.1f} images/s over {bound['images']} images{share}.")
     for fmt, seconds in export_s.items():
         lines.append(f"\n`xferlearn export RUN --format {fmt}` took {seconds:.1f} s, before and apart from the "
                      "prediction times above" + (" (calibration on 256 training images, then the check on the "
                                                  "validation split)" if fmt == "onnx-int8" else "") + ".")
-    for fmt in refused:
-        lines.append(f"\n`xferlearn export RUN --format {fmt}` was refused by its validation check (AUC moved "
-                     "more than 0.002; its message is in the log above): no prediction figure for it on this machine.")
+    for fmt, reason in refused.items():
+        lines.append(f"\n`xferlearn export RUN --format {fmt}` was refused by its validation check ({reason}): no "
+                     "prediction figure for it on this machine.")
     lines += ["", "Commands:", ""] + [f"- {p['label']}: `{p['command']}`" for p in predictions]
     lines += ["", f"## Agreement with PyTorch fp32 (AUC from the CSVs against the folder labels; must be within "
                   f"{AGREEMENT})", "",
@@ -430,7 +442,7 @@ def markdown(args, data: Path, images: int, machine: dict, keras: dict | None, t
                   f"AUC {finetune['val_auc']:.4f} (on the default recipe's warm data cache: decoding is not in it)"]
     lines += ["", "## Targets (issue 13; the service's are benchmarks/serve_load.py's)", ""] + \
         [f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in targets(keras, trains, predictions, agree, finetune,
-                                                                                    refused=refused)]
+                                                                                    refused=refused, bounds=bounds)]
     return "\n".join(lines) + "\n"
 
 
@@ -496,15 +508,16 @@ def benchmark(args, source: Path, work: Path) -> int:
     trains.append(default)
 
     engines = predict_engines()
-    export_s, refused = {}, []
+    export_s, refused = {}, {}
     for fmt in [flags[flags.index("--engine") + 1] for _, flags in engines if "--engine" in flags]:
         if fmt == "torch":
             continue
         # Export apart, so the ONNX Runtime figures are prediction alone (predict would export on first use).
         seconds = timed([*XFERLEARN, "export", str(default["run"]), "--format", fmt],
                         {"XFERLEARN_CACHE": str(work / "cache-default")}, may_fail=fmt == "onnx-int8")
-        if seconds is None:  # int8 moved validation AUC past its tolerance: it is not an engine of this run
-            refused.append(fmt)
+        if seconds is None:  # int8 failed its validation check: it is not an engine of this run
+            card = json.loads((default["run"] / "export" / "model.json").read_text())
+            refused[fmt] = card.get("int8_refused", {}).get("reason", "its message is in the log above")
             engines = [(label, flags) for label, flags in engines if fmt not in flags]
         else:
             export_s[fmt] = seconds
@@ -513,13 +526,14 @@ def benchmark(args, source: Path, work: Path) -> int:
         if prediction["label"] == DEFAULT_LABEL:
             prediction["engine"] = default_engine(default["run"])
     agree = agreement(predictions, default["run"])
-    bound = upper_bound(default["run"]) if "onnx-int8" in export_s else None
+    bounds = [upper_bound(default["run"], precision) for precision, fmt in (("fp32", "onnx"), ("int8", "onnx-int8"))
+              if fmt in export_s]
     finetune = None
     if args.finetune:
         finetune = train_run("finetune", data, ["--recipe", "finetune"], work, work / "cache-default")
 
     report = markdown(args, data, images, machine, keras, trains, predictions, export_s, agree,
-                      (start_load, load_average()), bound, finetune, refused)
+                      (start_load, load_average()), bounds, finetune, refused)
     print("\n" + report, flush=True)
     if args.out:
         from xferlearn._io import atomic_write

@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from .config import COMPILE_MODES, ENGINES, PRECISIONS, TrainConfig
+from .config import COMPILE_MODES, ENGINES, ONNX_EXPORT_PAYS, PRECISIONS, TrainConfig
 from .cli_run import (UNREADABLE_RULE, add_backbones, add_batch_size, add_calibrate, add_explain, add_export,
                       add_serve, add_stress, batch_size)
 from ._io import atomic_stream, os_error
@@ -157,23 +157,28 @@ def add_predict(commands) -> None:
                              "when there are enough images to repay it (default: auto)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help=f"one of {', '.join(ENGINES)}; auto (default): onnx-int8 where `xferlearn export RUN "
-                             "--format onnx-int8` has made it for the current checkpoint, else torch; onnx: ONNX "
-                             "Runtime on RUN/export/model.onnx, exported there on first use; onnx-int8: its int8 "
-                             "quantisation (fastest on CPU, its own validation threshold), kept only if validation AUC "
-                             "holds within 0.002")
+                             "--format onnx-int8` has made it for the current checkpoint, else on a CPU onnx (for "
+                             f"{ONNX_EXPORT_PAYS} images or more, or once the export exists), else torch; the line "
+                             "it prints says which and why not int8; onnx: ONNX Runtime on RUN/export/model.onnx, "
+                             "exported there on first use; onnx-int8: its int8 quantisation (fastest on CPU, its own "
+                             "validation threshold), kept only if validation AUC holds within 0.002 and each class's "
+                             "order with it")
     add_operating_point_flags(parser)
     parser.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:
     from .data.folders import expand_paths
-    from .deploy.predict import load_engine, write_rows
+    from .deploy.predict import load_engine, why_not_int8, write_rows
 
     paths = expand_paths(args.paths)
     size = batch_size(args)
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
                             n_images=len(paths), batch_size=size, tta=args.tta,
                             prevalence=args.prevalence)
+    if args.engine == "auto":
+        why = why_not_int8(args.run) if predictor.engine != "onnx-int8" else ""
+        print(f"xferlearn: engine {predictor.engine} (auto{'; ' + why if why else ''})", file=sys.stderr)
     unreadable = []
 
     def counted(rows):

@@ -114,7 +114,7 @@ def test_rank_agreement_sees_reordering_within_a_class():
     assert set(agreement) == {"a", "b", "c"} and all(0 < value < 1 for value in agreement.values())
 
 
-def test_int8_refused_when_it_reorders_a_class(tiny_run, tmp_path, monkeypatch, capsys):
+def test_int8_refused_when_it_reorders_a_class(tiny_run, tiny_data, tmp_path, monkeypatch, capsys):
     """An int8 model whose validation AUC holds but whose order within a class does not (here
     forced by a floor no model can reach) is not kept: nothing written, one line."""
     run = shutil.copytree(tiny_run, tmp_path / "run")
@@ -124,8 +124,21 @@ def test_int8_refused_when_it_reorders_a_class(tiny_run, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reorders the validation images within a class" in err[0] and "not kept" in err[0]
     assert not (run / "export" / "model.int8.onnx").exists()
-    assert "int8" not in json.loads((run / "export" / "model.json").read_text())
-    assert not list((run / "export").glob(".int8-*"))
+    card = json.loads((run / "export" / "model.json").read_text())
+    assert "int8" not in card and not list((run / "export").glob(".int8-*"))
+    # Why int8 is not the default is kept with the export, and `predict` says it in one line.
+    assert card["int8_refused"]["checkpoint_sha256"] == card["checkpoint_sha256"]
+    assert main(["predict", str(run), str(tiny_data / "NORMAL")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xferlearn: engine onnx (auto; int8 refused by its check for this "
+                                               "model: it reorders the validation images within a class")
+    # Once the check passes, the refusal is gone with it.
+    monkeypatch.setattr(quantize, "RANK_FLOOR", 0.0)
+    assert main(["export", str(run), "--format", "onnx-int8"]) == 0
+    assert "int8_refused" not in json.loads((run / "export" / "model.json").read_text())
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tiny_data / "NORMAL")]) == 0
+    assert capsys.readouterr().err.strip() == "xferlearn: engine onnx-int8 (auto)"
 
 
 def test_an_int8_model_checked_on_auc_alone_is_not_used_by_default(int8_run, tmp_path):
@@ -155,6 +168,7 @@ def test_default_engine_without_int8_follows_the_hardware_and_the_count(int8_run
     run = plain("cpu")
     # A few images: the 20 s export would not pay, so PyTorch, and nothing written.
     assert engines.load_engine(run, n_images=10).engine == "torch"
+    assert engines.why_not_int8(run).startswith("int8 not made for this model (`xferlearn export RUN --format onnx-int8`")
     assert not (run / "export").exists()
     # Many, or a service (no count): the fp32 export, made once; never int8 unasked.
     many = engines.load_engine(run, n_images=engines.ONNX_EXPORT_PAYS)
@@ -246,10 +260,11 @@ def test_int8_refused_when_calibration_ranges_are_wrong(shared_data, tmp_path):
     black.mkdir()
     for i in range(8):
         Image.new("RGB", (224, 224)).save(black / f"{i}.png")
-    with pytest.raises(XferlearnError, match="moved validation AUC by .* it was not kept"):
+    with pytest.raises(XferlearnError, match="not kept: it moved validation AUC by "):
         export(run, "onnx-int8", calibration=black)
     assert not (run / "export" / "model.int8.onnx").exists()
-    assert "int8" not in json.loads((run / "export" / "model.json").read_text())
+    card = json.loads((run / "export" / "model.json").read_text())
+    assert "int8" not in card and "moved validation AUC by" in card["int8_refused"]["reason"]
     assert not list((run / "export").glob(".int8-*"))  # no staging left behind
     with pytest.raises(XferlearnError, match="needs model.int8.onnx"):
         OnnxPredictor(run / "export", int8=True)

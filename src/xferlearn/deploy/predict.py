@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..config import ENGINES
+from ..config import ENGINES, ONNX_EXPORT_PAYS
 from ..errors import XferlearnError
 from ..models.base import gpu_present
 from ..rundir import checkpoint_path
@@ -35,9 +35,6 @@ from .onnx_runtime import (FORMATS, INT8_FILE, SIDECAR, OnnxPredictor, export_cu
 
 log = logging.getLogger(__name__)
 
-# At 36 images/s (PyTorch fp32) against about 100 (ONNX Runtime, end to end) on 2 AVX2 cores,
-# a 20 s export is repaid from about 1,100 images.
-ONNX_EXPORT_PAYS = 1000
 
 def _is_export(run: Path) -> bool:
     """An export folder or .onnx file given directly, rather than a run folder."""
@@ -96,6 +93,22 @@ def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = 
         chosen = "torch"
     log.info("engine auto: %s", chosen)
     return chosen
+
+
+def why_not_int8(run: str | Path) -> str:
+    """One line on why `auto` does not run the int8 model, the fastest engine on a CPU: refused by
+    its check for this checkpoint (model.json keeps the reason), or never made; "" where it is ready."""
+    run = Path(run)
+    if int8_ready(run):
+        return ""
+    folder = run if _is_export(run) else export_dir(run)
+    card = read_sidecar(folder / SIDECAR) if folder.is_dir() else {}
+    refused = card.get("int8_refused")
+    current = _is_export(run) or export_current(folder, checkpoint_path(run), "onnx")
+    if isinstance(refused, dict) and current and refused.get("checkpoint_sha256") == card.get("checkpoint_sha256"):
+        return f"int8 refused by its check for this model: {refused.get('reason', 'no reason recorded')}"
+    return ("int8 not made for this model (`xferlearn export RUN --format onnx-int8` quantises it and keeps it only "
+            "if it passes its validation check)")
 
 
 def onnx_ready(run: str | Path) -> bool:

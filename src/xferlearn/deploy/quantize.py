@@ -235,17 +235,15 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         int8_point = _figures(val_y, p8, classes, threshold, positive)
         difference = int8_point["auc"] - fp32_point["auc"]
         if not abs(difference) <= tolerance:
-            raise XferlearnError(f"int8 quantisation moved validation AUC by {difference:+.4f} ({fp32_point['auc']:.4f}"
-                                 f" -> {int8_point['auc']:.4f}), more than {tolerance}; it was not kept. "
-                                 "Use the fp32 export (--engine onnx).")
+            _refuse(folder, f"it moved validation AUC by {difference:+.4f} ({fp32_point['auc']:.4f} -> "
+                            f"{int8_point['auc']:.4f}), more than {tolerance}")
         agreement = rank_agreement(val_y, p32, p8, classes, RANK_MIN_IMAGES)
         worst = min(agreement, key=agreement.get, default=None)
         if worst is not None and agreement[worst] < RANK_FLOOR:
-            raise XferlearnError(f"int8 quantisation reorders the validation images within a class (rank correlation "
-                                 f"with the fp32 model {agreement[worst]:.3f} for {worst}, below {RANK_FLOOR}): on "
-                                 "images from elsewhere, where the classes overlap, such a model ranks worse, which a "
-                                 "validation AUC near 1 cannot show; it was not kept. Use the fp32 export "
-                                 "(--engine onnx).")
+            _refuse(folder, f"it reorders the validation images within a class (rank correlation with the fp32 "
+                            f"model {agreement[worst]:.3f} for {worst}, below {RANK_FLOOR})",
+                    "on images from elsewhere, where the classes overlap, such a model ranks worse, which a "
+                    "validation AUC near 1 cannot show; ")
         int8.threshold = threshold
         decisions_32, decisions_8 = fp32.decide(p32), int8.decide(p8)
         try:
@@ -256,6 +254,7 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         shutil.rmtree(staging, ignore_errors=True)
 
     card = read_sidecar(folder / SIDECAR)
+    card.pop("int8_refused", None)
     card["files"]["onnx-int8"] = INT8_FILE
     card["int8"] = {
         "threshold": threshold, "threshold_source": point.describe(), "operating_point": point.to_dict(),
@@ -271,3 +270,14 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
     }
     write_json(folder / SIDECAR, card)
     return {"model": folder / INT8_FILE, "sidecar": folder / SIDECAR}
+
+
+def _refuse(folder: Path, reason: str, why_it_matters: str = "") -> None:
+    """Record why this checkpoint's int8 model was not kept (in model.json, beside the fp32 export
+    of the same checkpoint, so `predict` and `serve` can say why they run fp32), then refuse in one line."""
+    card = read_sidecar(folder / SIDECAR)
+    if card:
+        card["int8_refused"] = {"checkpoint_sha256": card.get("checkpoint_sha256"), "reason": reason}
+        write_json(folder / SIDECAR, card)
+    raise XferlearnError(f"int8 quantisation was not kept: {reason}; {why_it_matters}"
+                         "use the fp32 export (--engine onnx).")

@@ -1,16 +1,16 @@
 """The HTTP service: a trained run behind `POST /predict`, `GET /health`, `GET /model` and an upload page.
 
-`create_app(run)` gives a FastAPI app; `serve(run)` runs it with uvicorn on 127.0.0.1. An
-upload is decoded with `predictor.decode(bytes)`, as `xferlearn predict` decodes a file, so
-both give the same answer. A bad request gets a 4xx and a one-line JSON `{"error": ...}`
-and the server goes on: the body is counted as it arrives and refused past the limit, the
-pixel count is read from the header before decoding, and a fixed number of decodes run at
-once, which bounds the memory a burst of large uploads can take. Decoding runs in the thread pool, outside any lock, as many at once as cores and memory
-allow (guards.py). Requests reaching a busy model wait on one lock; whoever gets it runs everything queued as
-one batch, so a burst costs few forward passes and nobody waits for a timer. The batch runs
-on the engine chosen with `engine` (config.ENGINES: PyTorch, or ONNX Runtime fp32 or int8,
-which has its own validation threshold); Grad-CAM needs PyTorch, so explanations use the
-checkpoint's network whatever the engine, hold the lock, and are loaded on first request.
+`create_app(run)` gives a FastAPI app; `serve(run)` runs it with uvicorn on 127.0.0.1. An upload is
+decoded with `predictor.decode(bytes)`, as `xferlearn predict` decodes a file, so both give the same
+answer. A bad request gets a 4xx and a one-line JSON `{"error": ...}` and the server goes on: the
+body is counted as it arrives and refused past the limit, the pixel count is read from the header
+before decoding, and decodes run in the thread pool, outside any lock, as many at once as cores and
+memory allow (guards.py), which bounds the memory a burst of large uploads can take. Requests
+reaching a busy model wait on one lock; whoever gets it runs everything queued as one batch, so a
+burst costs few forward passes and nobody waits for a timer. The batch runs on the engine chosen
+with `engine` (config.ENGINES: PyTorch, or ONNX Runtime fp32 or int8, which has its own validation
+threshold); Grad-CAM needs PyTorch, so explanations use the checkpoint's network whatever the
+engine, hold the lock, and are loaded on first request.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from ..models.predictor import BasePredictor, Predictor, load_predictor
 from ..rundir import checkpoint_path
 from .batching import BatchingRunner
 from .guards import decode_slots, without_paths
-from .predict import resolve_engine
+from .predict import resolve_engine, why_not_int8
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ class _Service:
     def __init__(self, predictor: BasePredictor, checkpoint: Checkpoint, identity: str, max_pixels: int,
                  engine: str = "torch", run: str | Path | None = None):
         self.predictor, self.model_id, self.max_pixels = predictor, identity, max_pixels
-        self.checkpoint, self.engine, self.run = checkpoint, engine, run
-        self.model_lock = threading.Lock()
+        self.checkpoint, self.engine, self.run, self.model_lock = checkpoint, engine, run, threading.Lock()
         self.runner = BatchingRunner(predictor, self.model_lock)
         self.decode_slots = threading.BoundedSemaphore(decode_slots())
         self._explainer: Predictor | None = predictor if isinstance(predictor, Predictor) else None
@@ -373,8 +372,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     app = create_app(run, max_upload_bytes, engine=engine)
-    sock = _listen(host, port)
-    print(f"xferlearn: serving {app.state.service.model_id} on {app.state.service.engine} at {_url(sock)}/ "
+    service, sock = app.state.service, _listen(host, port)
+    why = why_not_int8(run) if engine == "auto" else ""  # auto did not find int8, the fastest on a CPU: why
+    print(f"xferlearn: serving {service.model_id} on {service.engine}{f' ({why})' if why else ''} at {_url(sock)}/ "
           "(upload page at /, API docs at /docs); Ctrl+C stops.", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 
