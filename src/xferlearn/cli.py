@@ -253,10 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xferlearn: error: {os_error(error.filename or '(unnamed file)', error, 'read or write')}",
               file=sys.stderr)
         return 2
-    except OSError as error:  # a write the library did not route through _io (a bug), still one line
-        print(f"xferlearn: error: {os_error(error.filename or '(unnamed file)', error, 'read or write')}",
-              file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("xferlearn: interrupted; completed work is kept (train again with --resume to continue).",
               file=sys.stderr)

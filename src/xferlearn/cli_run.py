@@ -79,8 +79,9 @@ def add_serve(commands) -> None:
     parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0 picks a free one)")
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default: 20)")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="what computes the probabilities: auto (default; onnx-int8 where its export exists "
-                             "for the current checkpoint, else torch), torch, onnx (ONNX Runtime fp32) or onnx-int8 "
+                        help="what computes the probabilities: auto (default; onnx-int8 where its checked export "
+                             "exists for the current checkpoint, else on a machine without a GPU onnx, else torch; "
+                             "the start-up line says which and why not int8), torch, onnx (ONNX Runtime fp32) or onnx-int8 "
                              "(its int8 quantisation, with its own validation threshold); ONNX engines export (and "
                              "quantise) RUN on first use, as predict does")
     parser.set_defaults(func=run_serve)

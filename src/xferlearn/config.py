@@ -32,7 +32,8 @@ CONTRASTS = ("auto", "clahe", "none")  # the contrast step before the network (d
 # `--help`, the checks and the code that acts on them share one definition.
 # auto (predict's and serve's default): onnx-int8 where the run's export holds an int8 model that
 # passed its validation check for the current checkpoint (the fastest engine on CPU); else, on a CPU,
-# the fp32 ONNX export for a service or ONNX_EXPORT_PAYS images or more (deploy/predict.py); else torch.
+# the fp32 ONNX export for a service, for ONNX_EXPORT_PAYS images or more, or once that export exists
+# (deploy/predict.py); else torch.
 ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 # At 36 images/s (PyTorch fp32) against about 100 (ONNX Runtime, end to end) on 2 AVX2 cores,
 # a 20 s export is repaid from about 1,100 images.

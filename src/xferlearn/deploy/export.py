@@ -11,9 +11,9 @@ dynamic. `--format onnx-int8` adds an int8 quantisation of the ONNX graph (quant
 
 Each export is checked before it is kept: the ONNX graph by `onnx.checker`, and both
 formats by comparing their outputs with PyTorch's on a batch of a size the export never
-saw. `OnnxPredictor` runs an export with ONNX Runtime behind the same interface as
-`Predictor` (averaging over the TTA views where the sidecar says so); `load_onnx(run)`
-exports on first use.
+saw. `OnnxPredictor` (onnx_runtime.py) runs an export with ONNX Runtime behind the same
+interface as `Predictor` (averaging over the TTA views where the sidecar says so);
+`load_onnx(run)` (predict.py) exports on first use.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def run_fixed(session, input_name: str, output_name: str, pixels: np.ndarray, ba
 
 class BasePredictor(ABC):
     """What every engine shares: decoding as training did, the decision rule, result rows and
-    streaming. An engine (PyTorch here, ONNX Runtime in export.py) supplies `probabilities`."""
+    streaming. An engine (PyTorch in predictor.py, ONNX Runtime in deploy/onnx_runtime.py) supplies `probabilities`."""
 
     def __init__(self, classes: list[str], threshold: float | None, positive_index: int | None,
                  temperature: float, preprocessing: Preprocessing):

@@ -1,10 +1,10 @@
 """Prediction with a trained run: files, folders, arrays or PIL images in; classes out.
 
-`load(run_dir)` gives a `Predictor` built from the checkpoint alone. It decodes exactly
-as training did (squash to the input size, the weights' own normalisation), applies the
-calibrated temperature, and decides with the threshold chosen on validation. Batches
-stream: a folder of thousands of images never sits in memory at once, and an
-unreadable file becomes a row with its error rather than the end of the run.
+`load_predictor(run_dir)` (or `xferlearn.load`) gives a `Predictor` built from the
+checkpoint alone. It decodes exactly as training did (squash to the input size, the weights'
+own normalisation), applies the calibrated temperature, and decides with the threshold
+chosen on validation. Batches stream: a folder of thousands of images never sits in memory
+at once, and an unreadable file becomes a row with its error rather than the end of the run.
 
 Two options change the probabilities. `tta` averages them over the clean image and a few
 mild views (augment.tta_views); by default it is whatever the threshold was chosen with
@@ -31,7 +31,7 @@ from .inference import FastForward, normalize, resolve_precision
 
 
 class Predictor(BasePredictor):
-    """A trained classifier ready to use, computing with PyTorch; build it with `load(run_dir)`.
+    """A trained classifier ready to use, computing with PyTorch; build it with `load_predictor(run_dir)`.
 
     `tta`: None follows the checkpoint; `prevalence`: the share of the positive class where the
     model will be used (two classes only), None to keep the probabilities as trained.
