@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except XferlearnError as error:
         print(f"xferlearn: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except OSError as error:  # a write the library did not route through _io (a bug), still one line
         print(f"xferlearn: error: {os_error(error.filename or '(unnamed file)', error, 'read or write')}",
               file=sys.stderr)

@@ -207,3 +207,39 @@ def test_fixed_input_model_trained_at_another_size_reloads(tmp_path):
     rebuilt = load_checkpoint(tmp_path).build_model()
     assert rebuilt.pos_embed.shape == model.pos_embed.shape
     assert create_empty("vit_tiny_patch16_224", 2).pos_embed.shape != model.pos_embed.shape
+
+
+def test_catavgmax_pooling_doubles_the_features_and_reloads_from_a_checkpoint(tmp_path):
+    """--pool catavgmax (timm's average and maximum side by side) gives the classifier twice the
+    features; the checkpoint remembers it, so the network rebuilds with the same shapes; the feature
+    store's key sees it, so pooled features of one kind are never read as the other's."""
+    from xferlearn.config import TrainConfig
+    from xferlearn.models.checkpoint import Checkpoint, OperatingPoint, load_checkpoint, save_checkpoint
+    from xferlearn.models.features import PooledFeatures, feature_key, pooling
+
+    plain, pre, _ = create_model(TINY, "none", num_classes=2)
+    pooled, _, _ = create_model(TINY, "none", num_classes=2, pool="catavgmax")
+    x = torch.rand(2, 3, 64, 64)
+    assert PooledFeatures(pooled.eval())(x).shape == (2, 2 * plain.num_features)
+    assert pooled.get_classifier().in_features == 2 * plain.get_classifier().in_features
+    assert (pooling(plain), pooling(pooled)) == (None, "catavgmax")
+    assert feature_key(TINY, "none", pre, "fp32") == feature_key(TINY, "none", pre, "fp32", pool=pooling(plain))
+    assert feature_key(TINY, "none", pre, "fp32") != feature_key(TINY, "none", pre, "fp32", pool="catavgmax")
+    checkpoint = Checkpoint(arch=TINY, backbone=TINY, weights="none", preprocessing=pre, classes=["a", "b"],
+                            positive_index=1, operating_point=OperatingPoint("youden", 0.5),
+                            state_dict=pooled.state_dict(), pool="catavgmax")
+    save_checkpoint(checkpoint, tmp_path / "model.pt")
+    rebuilt = load_checkpoint(tmp_path).build_model()
+    assert torch.allclose(rebuilt(x), pooled.eval()(x))
+    # An ensemble pools every member so; a network whose head takes no such pooling says so in one line.
+    ensemble, _, _ = create_model("resnet18+resnet10t", "none", num_classes=2, pool="catavgmax")
+    assert [pooling(member) for member in ensemble.members] == ["catavgmax", "catavgmax"]
+    with pytest.raises(XferlearnError, match="does not take --pool catavgmax"):
+        create_empty("vit_tiny_patch16_224", 2, pool="catavgmax")
+    # auto: catavgmax for the linear recipe on the packaged networks (where it was measured), else their own.
+    assert TrainConfig(data="d").pooling(packaged=True) == "catavgmax"
+    assert TrainConfig(data="d").pooling(packaged=False) is None
+    assert TrainConfig(data="d", recipe="finetune").pooling(packaged=True) is None
+    assert TrainConfig(data="d", pool="avg").pooling(packaged=True) == "avg"
+    with pytest.raises(XferlearnError, match="--pool must be one of"):
+        TrainConfig(data="d", pool="mean")

@@ -97,15 +97,14 @@ def resolve(name: str) -> str:
                          "(any timm model name also works)")
 
 
-def create_empty(arch: str, num_classes: int, *, image_size: int | None = None) -> torch.nn.Module:
+def create_empty(arch: str, num_classes: int, *, image_size: int | None = None,
+                 pool: str | None = None) -> torch.nn.Module:
     """The architecture with random init and no weight loading, to receive a saved state dict.
-
     `image_size` is needed only for fixed-input-size models (ViTs) trained at another size, and
-    for an ensemble trained at one size.
-    """
+    for an ensemble trained at one size; `pool` is the pooling it was trained with (with_pool)."""
     if is_ensemble(arch):
         archs = member_names(arch)
-        return assemble([create_empty(a, num_classes, image_size=image_size) for a in archs],
+        return assemble([create_empty(a, num_classes, image_size=image_size, pool=pool) for a in archs],
                         [image_size or default_input_size(a) for a in archs])
     if not timm.is_model(arch):
         raise XferlearnError(f"architecture {arch!r} is unknown to timm {timm.__version__}; "
@@ -113,18 +112,30 @@ def create_empty(arch: str, num_classes: int, *, image_size: int | None = None) 
     cfg = get_pretrained_cfg(arch)
     fixed = image_size is not None and cfg is not None and cfg.fixed_input_size
     kwargs = {"img_size": image_size} if fixed else {}
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    return with_pool(timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs), pool, num_classes)
 
 
-def create_model(name: str, weights: str = "default", num_classes: int = 2,
-                 image_size: int | None = None) -> tuple[torch.nn.Module, Preprocessing, str]:
+def with_pool(model: torch.nn.Module, pool: str | None, num_classes: int) -> torch.nn.Module:
+    """`model` with timm's global pooling `pool` (config.POOLS; None: its own) before a fresh classifier.
+    "catavgmax" concatenates the average and the maximum of the last feature map: twice the features."""
+    try:
+        if pool is not None:
+            model.reset_classifier(num_classes, global_pool=pool)
+    except (TypeError, ValueError, AssertionError, AttributeError, NotImplementedError) as error:
+        raise XferlearnError(f"{type(model).__name__} does not take --pool {pool} ({error}); "
+                             "leave --pool out to keep its own pooling") from None
+    return model
+
+
+def create_model(name: str, weights: str = "default", num_classes: int = 2, image_size: int | None = None,
+                 pool: str | None = None) -> tuple[torch.nn.Module, Preprocessing, str]:
     """(model with a fresh `num_classes` classifier, its preprocessing, weights tag).
 
-    `num_classes=0` gives the backbone alone, ending in pooled features.
+    `num_classes=0` gives the backbone alone, ending in pooled features; `pool` as in create_empty.
     """
     arch = resolve(name)
     if is_ensemble(arch):
-        return _create_ensemble(arch, weights, num_classes, image_size)
+        return _create_ensemble(arch, weights, num_classes, image_size, pool)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise XferlearnError(f"number of classes must be a non-negative integer, got {num_classes!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
@@ -145,7 +156,7 @@ def create_model(name: str, weights: str = "default", num_classes: int = 2,
                              "or the path of a state dict file")
     if image_size is not None:
         preprocessing = replace(preprocessing, input_size=image_size)
-    return model, preprocessing, tag
+    return with_pool(model, pool, num_classes), preprocessing, tag
 
 
 def is_packaged(arch: str) -> bool:
@@ -157,13 +168,13 @@ def default_input_size(arch: str) -> int:
     return PACKAGED[arch].input_size if arch in PACKAGED else int(get_pretrained_cfg(arch).input_size[-1])
 
 
-def _create_ensemble(arch: str, weights: str, num_classes: int, image_size: int | None):
+def _create_ensemble(arch: str, weights: str, num_classes: int, image_size: int | None, pool: str | None):
     """Each member with its own weights and preprocessing; the ensemble takes the largest
     member's input size and normalisation (models/ensemble.py)."""
     if weights not in WEIGHT_SOURCES:
         raise XferlearnError(f"an ensemble takes --weights {', '.join(WEIGHT_SOURCES)} (one source for every "
                              f"member); a weights file ({weights}) fits one network")
-    built = [create_model(member, weights, num_classes, image_size) for member in member_names(arch)]
+    built = [create_model(member, weights, num_classes, image_size, pool) for member in member_names(arch)]
     models, preprocessings, tags = map(list, zip(*built))
     sizes = [p.input_size for p in preprocessings]
     model = assemble(models, sizes, [(p.mean, p.std) for p in preprocessings])
@@ -180,9 +191,8 @@ def list_backbones() -> list[dict]:
             available.append("packaged")
         if _cached_imagenet_file(arch) is not None:
             available.append("imagenet (cached)")
-        input_size = default_input_size(arch)
         rows.append({"name": alias, "arch": arch, "weights": available,
-                     "default_weights": _default_source(arch), "input_size": input_size})
+                     "default_weights": _default_source(arch), "input_size": default_input_size(arch)})
     return rows
 
 
@@ -312,10 +322,8 @@ def _from_file(arch: str, path: Path, num_classes: int, image_size: int | None):
     model = create_empty(arch, num_classes, image_size=image_size)
     target = model.state_dict()
     classifier = _classifier_keys(model, target)
-
     dropped = [k for k in state_dict if k in classifier and state_dict[k].shape != target[k].shape]
-    for key in dropped:
-        del state_dict[key]
+    state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
     misfits = [k for k in state_dict if k in target and state_dict[k].shape != target[k].shape]
     if misfits:
         raise XferlearnError(f"weights in {path.name} do not fit {arch}: {len(misfits)} tensors differ in shape "
@@ -388,5 +396,4 @@ def _log_fresh_classifier(arch: str, old_classes: int, num_classes: int) -> None
     if num_classes == 0:
         log.info("removed the %d-class classifier of %s: the model outputs pooled features", old_classes, arch)
     else:
-        log.info("replaced the %d-class classifier of %s with a fresh %d-class one",
-                 old_classes, arch, num_classes)
+        log.info("replaced the %d-class classifier of %s with a fresh %d-class one", old_classes, arch, num_classes)

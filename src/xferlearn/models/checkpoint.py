@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write, plain
+from ..config import POOLS
 from ..data.images import Preprocessing
 from ..errors import XferlearnError
 from ..rundir import checkpoint_path
@@ -101,6 +102,7 @@ class Checkpoint:
     tta: bool = False                # the threshold was chosen on test-time-augmented probabilities
     class_prior: list[float] | None = None  # the class prior the probabilities refer to (for --prevalence)
     image_size: int | None = None   # the --image-size the network was built for (None: its default)
+    pool: str | None = None          # the global pooling it was built with (backbones.with_pool; None: its own)
     split_sha256: str | None = None  # hash of the run's split.json at training time (int8 export checks it)
     versions: dict = field(default_factory=library_versions)
 
@@ -120,7 +122,7 @@ class Checkpoint:
         """The trained network, rebuilt from the architecture name and the stored weights alone."""
         from .backbones import create_empty
 
-        model = create_empty(self.arch, len(self.classes), image_size=self.image_size)
+        model = create_empty(self.arch, len(self.classes), image_size=self.image_size, pool=self.pool)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as error:
@@ -202,6 +204,7 @@ def _checked(record: dict, path: Path) -> Checkpoint:
          "'class_prior' must be one share in [0, 1] per class")
     need(isinstance(record.get("tta", False), bool), "'tta' must be true or false")
     need(record.get("split_sha256") is None or isinstance(record["split_sha256"], str), "'split_sha256' must be text")
+    need(record.get("pool") in (None, *POOLS[1:]), f"'pool' must be one of {', '.join(POOLS[1:])}")
     size = record.get("image_size")
     need(size is None or (isinstance(size, int) and 16 <= size <= MAX_INPUT_SIZE),
          f"'image_size' must be 16 to {MAX_INPUT_SIZE} pixels")

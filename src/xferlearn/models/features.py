@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ..data.augment import train_transform
 from ..data.folders import ImageDataset
 from ..data.images import DecodeCache
+from .ensemble import Member
 from .feature_store import FeatureStore
 from .inference import FastForward
 from .onnx_forward import onnx_or_none
@@ -89,11 +90,21 @@ class FeatureExtractor:
         return self.forward(batch).numpy()
 
 
-def feature_key(arch: str, weights_tag: str, preprocessing, precision: str, engine: str = "torch") -> str:
-    """The store's key: what changes a feature. The engine too, as its fp32 sums round differently
-    (PyTorch's key is the one it had before ONNX Runtime could compute features)."""
+def pooling(model: torch.nn.Module) -> str | None:
+    """The global pooling a network (or an ensemble's member) was built with, where it is not the
+    plain average that timm's CNNs default to (backbones.with_pool); None otherwise."""
+    network = model.model if isinstance(model, Member) else model
+    pool_type = getattr(getattr(network, "global_pool", None), "pool_type", None)
+    return pool_type if pool_type not in (None, "", "avg") else None
+
+
+def feature_key(arch: str, weights_tag: str, preprocessing, precision: str, engine: str = "torch",
+                pool: str | None = None) -> str:
+    """The store's key: what changes a feature. The engine too, as its fp32 sums round differently,
+    and the pooling where it is not the network's own (keys without them are those from before)."""
     described = {"arch": arch, "weights": weights_tag, "preprocessing": preprocessing.to_dict(),
                  "precision": precision, "format": FEATURE_FORMAT} | ({"engine": engine} if engine != "torch" else {})
+    described |= {"pool": pool} if pool is not None else {}
     description = json.dumps(described, sort_keys=True)
     return hashlib.sha1(description.encode()).hexdigest()[:16]
 

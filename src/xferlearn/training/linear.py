@@ -22,7 +22,7 @@ from ..data.augment import in_view, view_shares
 from ..data.folders import Manifest
 from ..data.images import DecodeCache
 from ..models.feature_store import FeatureRows, FeatureStore
-from ..models.features import FeatureExtractor, extract, feature_key, view_name
+from ..models.features import FeatureExtractor, extract, feature_key, pooling, view_name
 from ..models.base import usable_cores
 from ..models.ensemble import Ensemble, member_names
 from ..models.inference import resolve_precision
@@ -124,7 +124,8 @@ def _features_on(engine: str, model, manifest: Manifest, views, config: TrainCon
     names = [view_name(v, preset, config.seed) for _, v, preset in views]
 
     def listed(engine: str):
-        store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision, engine), config.cache_dir)
+        store = FeatureStore(feature_key(arch, weights_tag, preprocessing, precision, engine, pooling(model)),
+                             config.cache_dir)
         missing = [store.missing(name, pick(idx)[1]) for name, (idx, _, _) in zip(names, views)]
         barrier()  # every process has listed what is missing before any of them adds to the store
         return store, missing
