@@ -2,8 +2,8 @@
 
 With the base frozen, every epoch of the article's recipe recomputes the very same
 features; here each (image, view) goes through the backbone once. The store is keyed by
-everything that changes a feature (architecture, weights, preprocessing, precision and
-engine; augmented views are tables named by their preset and seed) and, inside that, by
+everything that changes a feature (architecture, weights, preprocessing, precision, engine
+and pooling; augmented views are tables named by their preset and seed) and, inside that, by
 each image's content hash, so a second run on the same or an overlapping folder reuses them.
 """
 
