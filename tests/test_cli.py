@@ -87,3 +87,21 @@ def test_compiler_import_says_nothing():
                             env={**os.environ, "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local")})
     assert result.returncode == 0, result.stderr
     assert "No CUDA runtime" not in result.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capfd):
+    """`xferlearn predict RUN dir/ | head`: the closed pipe is not a disk error; exit 1, nothing on stderr."""
+    import xferlearn.cli as cli
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    redirected = []  # stdout is pointed at /dev/null so exit's flush cannot fail again (not done for real here:
+    monkeypatch.setattr(cli, "run_predict", closed_pipe)  # it would take pytest's own output with it)
+    with monkeypatch.context() as fd_calls:  # undone before the capture's own teardown needs the real ones
+        fd_calls.setattr(cli.os, "open", lambda path, flags: ("fd of", path))
+        fd_calls.setattr(cli.os, "dup2", lambda source, target: redirected.append((source, target)))
+        status = main(["predict", "RUN", "x.jpeg"])
+    assert status == 1
+    assert capfd.readouterr().err == ""
+    assert redirected == [(("fd of", os.devnull), sys.stdout.fileno())]

@@ -236,6 +236,8 @@ def test_catavgmax_pooling_doubles_the_features_and_reloads_from_a_checkpoint(tm
     assert [pooling(member) for member in ensemble.members] == ["catavgmax", "catavgmax"]
     with pytest.raises(XferlearnError, match="does not take --pool catavgmax"):
         create_empty("vit_tiny_patch16_224", 2, pool="catavgmax")
+    # Asked for explicitly, even a pooling that timm keeps elsewhere (a ViT's) keys its own store.
+    assert pooling(create_empty("vit_tiny_patch16_224", 2, pool="avg")) == "avg"
     # auto: catavgmax for the linear recipe on the packaged networks (where it was measured), else their own.
     assert TrainConfig(data="d").pooling(packaged=True) == "catavgmax"
     assert TrainConfig(data="d").pooling(packaged=False) is None

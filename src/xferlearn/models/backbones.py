@@ -124,6 +124,7 @@ def with_pool(model: torch.nn.Module, pool: str | None, num_classes: int) -> tor
     except (TypeError, ValueError, AssertionError, AttributeError, NotImplementedError) as error:
         raise XferlearnError(f"{type(model).__name__} does not take --pool {pool} ({error}); "
                              "leave --pool out to keep its own pooling") from None
+    model.built_pool = pool  # what features.pooling reads: timm keeps the pooling in no one place
     return model
 
 

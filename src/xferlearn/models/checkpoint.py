@@ -204,7 +204,8 @@ def _checked(record: dict, path: Path) -> Checkpoint:
          "'class_prior' must be one share in [0, 1] per class")
     need(isinstance(record.get("tta", False), bool), "'tta' must be true or false")
     need(record.get("split_sha256") is None or isinstance(record["split_sha256"], str), "'split_sha256' must be text")
-    need(record.get("pool") in (None, *POOLS[1:]), f"'pool' must be one of {', '.join(POOLS[1:])}")
+    built = [pool for pool in POOLS if pool != "auto"]  # what a network can be built with
+    need(record.get("pool") in (None, *built), f"'pool' must be one of {', '.join(built)}")
     size = record.get("image_size")
     need(size is None or (isinstance(size, int) and 16 <= size <= MAX_INPUT_SIZE),
          f"'image_size' must be 16 to {MAX_INPUT_SIZE} pixels")

@@ -91,11 +91,9 @@ class FeatureExtractor:
 
 
 def pooling(model: torch.nn.Module) -> str | None:
-    """The global pooling a network (or an ensemble's member) was built with, where it is not the
-    plain average that timm's CNNs default to (backbones.with_pool); None otherwise."""
-    network = model.model if isinstance(model, Member) else model
-    pool_type = getattr(getattr(network, "global_pool", None), "pool_type", None)
-    return pool_type if pool_type not in (None, "", "avg") else None
+    """The global pooling a network (or an ensemble's member) was built with by backbones.with_pool;
+    None where it kept its own."""
+    return getattr(model.model if isinstance(model, Member) else model, "built_pool", None)
 
 
 def feature_key(arch: str, weights_tag: str, preprocessing, precision: str, engine: str = "torch",

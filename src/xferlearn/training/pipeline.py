@@ -162,15 +162,16 @@ def train_here(config: TrainConfig) -> TrainResult:
     if config.resolve_image_size(grayscale, is_packaged(arch)):
         console.print(f"Input size: {config.image_size} px, as the images are in colour (the networks' features "
                       "describe a photograph better above their own 224-260 px; --image-size to choose).")
+    pool = config.pooling(is_packaged(arch))
     model, preprocessing, weights_tag = create_model(config.backbone, config.weights, len(layout.classes),
-                                                     config.image_size, config.pooling(is_packaged(arch)))
+                                                     config.image_size, pool)
     # One writer per run folder for the whole command: rank 0 holds the lock for its processes.
     with RunDir(config.out).lock("train") if is_rank_zero() else nullcontext():
-        return _train(config, model, preprocessing, weights_tag, arch, layout, positive, grayscale, started)
+        return _train(config, model, preprocessing, weights_tag, arch, layout, positive, grayscale, started, pool)
 
 
 def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: str, layout, positive: int | None,
-           grayscale: bool, started: float) -> TrainResult:
+           grayscale: bool, started: float, pool: str | None) -> TrainResult:
     run = prepare_run(config)
     barrier()  # every process has checked for a finished run before rank 0 may write one
     if is_rank_zero():
@@ -202,7 +203,7 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
                             preprocessing=preprocessing, classes=manifest.classes, positive_index=positive,
                             operating_point=OperatingPoint("argmax"), state_dict=model.state_dict(),
                             config=config.to_dict(), tta=config.tta, image_size=config.image_size,
-                            pool=config.pooling(is_packaged(arch)),
+                            pool=pool,
                             class_prior=effective_prior(manifest.labels[train_idx], len(manifest.classes), config),
                             split_sha256=file_sha256(run.split) if is_rank_zero() else None)
     if folds:
