@@ -123,6 +123,7 @@ def add_operating_point_flags(parser) -> None:
 
 def run_evaluate(args) -> int:
     from .evaluation.evaluate import evaluate
+    from .evaluation.metrics import decision_rule
 
     metrics = evaluate(args.run, args.data, args.out, batch_size=batch_size(args), n_boot=args.bootstrap,
                        gallery=args.gallery, tta=args.tta, prevalence=args.prevalence, strict=args.strict)
@@ -133,7 +134,7 @@ def run_evaluate(args) -> int:
         line = f"accuracy {metrics['accuracy']:.4f}  AUC {metrics['auc']:.4f}  " \
                f"sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  n {metrics['n']}"
         print(line)
-        print(f"threshold {metrics['threshold']} ({metrics['threshold_source']})")
+        print(decision_rule(metrics["threshold"], metrics["threshold_source"]))
     return 0
 
 

@@ -94,15 +94,15 @@ def _figure(metrics: dict, name: str) -> str:
 def print_summary(run: RunDir, sample: Path, metrics: dict, explanation: Path, seconds: float) -> None:
     """The figures, what they cannot show, and what to try next, on stdout."""
     q = lambda path: shlex.quote(str(path))  # noqa: E731  (the package may live under a path with spaces)
-    threshold = metrics["threshold"]
+    from .evaluation.metrics import decision_rule
+
     image = explain_target(sample)
     out = Console(highlight=False, soft_wrap=True)  # commands stay whole, to copy
     out.print(f"\n[bold]Done in {seconds:.0f} s.[/] Run folder: {run.root}")
     out.print(f"On the sample's test/ part ({metrics['n']} images, {metrics['n_per_class']}):")
     out.print(f"  AUC {_figure(metrics, 'auc')}\n  sensitivity {_figure(metrics, 'sensitivity')}\n"
               f"  specificity {_figure(metrics, 'specificity')}")
-    out.print(f"  at threshold {'argmax' if threshold is None else f'{threshold:.4f}'} "
-              f"({metrics['threshold_source']}).")
+    out.print(f"  at {decision_rule(metrics['threshold'], metrics['threshold_source'])}.")
     out.print("  The test/ part is other patients from the same source as train/ (in-distribution): these "
               "figures show the job works end to end, not how the model would do on another hospital's images "
               f"(they cannot show shift). {metrics['n']} images are far too few to judge a model by.")

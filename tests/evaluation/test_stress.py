@@ -102,12 +102,19 @@ def test_strong_blur_moves_a_model_that_uses_sharpness(tiny_run, tiny_data, tmp_
     assert record["summary"]["worst_shifts"][0]["shift"] == "blur"
 
 
-def test_multiclass_run_reports_accuracy_and_macro_auc(tmp_path):
+def test_multiclass_run_reports_accuracy_and_macro_auc(tmp_path, capsys):
     from conftest import make_folder
 
     data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=8, patients=False)
     run = xferlearn.train(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
                           backbone="resnet18", weights="none", image_size=64, epochs=2, views=0).run_dir
+    # Small, so cross-fitted: the summary names the decision rule in words and, with no images
+    # held apart, points the stress test at other labelled images, as `--split val` refuses.
+    summary = " ".join(capsys.readouterr().err.split())
+    assert "at the most probable class (no threshold" in summary and "threshold None" not in summary
+    assert f"xferlearn stress {run} DATA" in summary and "--split val" not in summary
+    with pytest.raises(XferlearnError, match="cross-fitted: its final model trained on every image"):
+        xferlearn.stress(run, split="val", progress=False)
     record = xferlearn.stress(run, data, shifts=["noise"], severities=[2], progress=False)
     assert record["threshold"] is None and record["positive_class"] is None
     row = record["results"][0]

@@ -323,6 +323,12 @@ def save_split(path: Path, manifest: Manifest, train_idx, val_idx, how: str, pha
     write_json(path, record)
 
 
+def is_cross_fitted(split: dict) -> bool:
+    """Whether a split.json record is a cross-fitted run's: no validation images held apart,
+    every image trained the final model and out-of-fold predictions chose its threshold."""
+    return not split.get("val") and "cross-fitting" in str(split.get("how", ""))
+
+
 class ImageDataset:
     """Decoded images (through the cache) as (3, H, W) uint8 tensors with their labels.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.folders import is_cross_fitted
 from ..data.phash import MAX_DISTANCE, near_matches
 from ..errors import XferlearnError
 
@@ -30,7 +31,7 @@ def find_overlap(split: dict | None, digests: list[str], phashes: list[str]) -> 
     if split is None:
         return {"checked": False, "n": n, "why": "the run has no split.json"}
     result: dict = {"checked": True, "n": n, "near_distance_bits": MAX_DISTANCE,
-                    "cross_fitted": not split.get("val") and "cross-fitting" in str(split.get("how", ""))}
+                    "cross_fitted": is_cross_fitted(split)}
     seen = [False] * n
     for side in ("train", "val"):
         entries = split.get(side) or []

@@ -58,6 +58,15 @@ def named_positive_index(classes: list[str], name: str | None) -> int | None:
     return matches[0]
 
 
+def decision_rule(threshold: float | None, source: str) -> str:
+    """How a run decides, for a log line: "threshold 0.2903 (SOURCE)", or, with more than two
+    classes, the most probable class, whose sensitivity and specificity are means over classes."""
+    if threshold is None:
+        return ("the most probable class (no threshold: multi-class; sensitivity and specificity "
+                "are means over the classes, each against the rest)")
+    return f"threshold {threshold:.4f} ({source})"
+
+
 def compute_metrics(y_true, probs, classes, threshold: float | None,
                     threshold_source: str, positive: int | None = None) -> dict:
     """All headline metrics, json-ready. See the module docstring for the conventions.

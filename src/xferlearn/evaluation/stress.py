@@ -32,7 +32,7 @@ import torch
 
 from .._io import read_json
 from ..data.contrast import equalize_tensor
-from ..data.folders import scan
+from ..data.folders import is_cross_fitted, scan
 from ..data.images import DecodeCache, UnreadableImage
 from ..errors import XferlearnError
 from ..models.checkpoint import load_checkpoint
@@ -103,6 +103,9 @@ def _images(run: Path, data, split, classes: list[str], cache: DecodeCache):
         if split != "val":
             raise XferlearnError(f"--split takes val (the run's validation images), not {split!r}.")
         record = read_json(RunDir.of(run).split)
+        if isinstance(record, dict) and is_cross_fitted(record):
+            raise XferlearnError(f"{run} was cross-fitted: its final model trained on every image, so it has no "
+                                 "validation images to stress; pass DATA, labelled images it was not trained on.")
         if not isinstance(record, dict) or not record.get("val"):
             raise XferlearnError(f"{RunDir.of(run).split} is missing or lists no validation images; pass DATA instead.")
         if record.get("classes") != classes:

@@ -32,7 +32,7 @@ from ..data.phash import hashes
 from ..data.contrast import is_grayscale_folder, resolve_contrast
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
-from ..evaluation.metrics import bootstrap_intervals, named_positive_index
+from ..evaluation.metrics import bootstrap_intervals, decision_rule, named_positive_index
 from ..models.backbones import create_model, is_packaged, resolve
 from ..models.checkpoint import Checkpoint, OperatingPoint, save_checkpoint
 from ..rundir import RunDir
@@ -228,13 +228,14 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     console.print(f"{'Cross-validated' if folds else 'Validation'} (n {metrics['n']}, 95% intervals): "
                   + ", ".join(f"{name} {figure(metrics, name)}" for name in ("auc", "accuracy", "sensitivity",
                                                                             "specificity"))
-                  + f" at threshold {threshold if threshold is None else round(threshold, 4)} ({source}). "
-                  f"{seconds:.0f} s. Checkpoint: {path}", highlight=False)
+                  + f" at {decision_rule(threshold, source)}. {seconds:.0f} s. Checkpoint: {path}", highlight=False)
+    # A cross-fitted run's final model trained on every image: none is left apart to stress.
+    stress = (f"`xferlearn stress {run.root} DATA` on labelled images it was not trained on" if folds
+              else f"`xferlearn stress {run.root} --split val`")
     console.print(f"These {'cross-validated' if folds else 'validation'} figures are in-distribution: "
                   f"{len(val_idx)} images from {config.data}, the same source as the training images. They "
-                  "cannot show how the model holds up on other sites or devices: run "
-                  f"`xferlearn stress {run.root} --split val` for acquisition-like shifts, and evaluate on "
-                  "labelled images from elsewhere.", highlight=False)
+                  f"cannot show how the model holds up on other sites or devices: run {stress} for "
+                  "acquisition-like shifts, and evaluate on labelled images from elsewhere.", highlight=False)
     return TrainResult(run.root, path, metrics, seconds)
 
 
