@@ -1,12 +1,14 @@
 """A benchmark that benchmarks/RESULTS.md quotes runs on the library as it is now
 (benchmarks/conflict_linear.py stopped running after the feature store changed, unnoticed).
-Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py, compare_oof.py; the other
+Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py, compare_oof.py, shifted_copy.py; the other
 benchmarks have no such test yet."""
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -80,3 +82,30 @@ def test_compare_oof_pairs_two_cross_fitted_runs_and_refuses_a_held_out_one(tmp_
     held_out = subprocess.run([sys.executable, str(BENCHMARKS / "compare_oof.py"), str(runs[0]), str(tiny_run)],
                               capture_output=True, text=True, timeout=600)
     assert held_out.returncode != 0 and "was not cross-fitted" in held_out.stderr
+
+
+def test_shifted_copy_holds_the_images_the_stress_test_scores(tiny_run, tiny_data, tmp_path):
+    import numpy as np
+
+    from xferlearn._io import content_hash
+    from xferlearn.data.images import DecodeCache
+    from xferlearn.evaluation.stress import decode_all, shifted_probabilities
+    from xferlearn.models.checkpoint import load_checkpoint
+    from xferlearn.models.predictor import Predictor
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "shifted_copy.py"), str(tiny_data), str(tmp_path / "copy"),
+                           "--shift", "text", "--severity", "5", "--like", str(tiny_run)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = load_checkpoint(tiny_run)
+    predictor, cache = Predictor(checkpoint), DecodeCache.of(checkpoint.preprocessing, tmp_path / "cache")
+    originals = sorted(p for p in tiny_data.rglob("*") if p.is_file())
+    copies = [tmp_path / "copy" / p.parent.name / (p.stem + ".png") for p in originals]
+
+    def probabilities(paths, shift, severity):
+        digests = [content_hash(p.read_bytes()) for p in paths]
+        return shifted_probabilities(predictor, decode_all(paths, digests, cache), digests, shift, severity)
+
+    stressed = probabilities(originals, "text", 5)  # what `xferlearn stress` scores
+    assert np.abs(probabilities(copies, "clean", 0) - stressed).max() < 1e-5
+    assert np.abs(probabilities(originals, "clean", 0) - stressed).max() > 1e-3  # the shift moved them

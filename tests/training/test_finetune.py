@@ -50,7 +50,7 @@ def test_finetune_learns_and_records_its_stages(finetuned):
     counts = list(metrics["n_per_class"].values())  # the validation split's classes
     assert chosen == stages[ft.choose_stage(stages, counts)]["stage"]  # the rule below, on this run's records
     ckpt = load_checkpoint(finetuned.run_dir)
-    assert ckpt.config["recipe"] == "finetune" and ckpt.config["augment"] == "xray"
+    assert ckpt.config["recipe"] == "finetune" and ckpt.config["augment"] == "erase"  # grayscale images
     assert ckpt.tta and "test-time-augmentation" in ckpt.threshold_source
     assert "without_tta" in metrics and 0 <= metrics["without_tta"]["auc"] <= 1
     history = (finetuned.run_dir / "logs" / "metrics.csv").read_text().splitlines()
@@ -367,7 +367,10 @@ def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_pa
     assert TrainConfig(data="x", recipe="finetune").views == 0
     assert TrainConfig(data="x").tta is False and TrainConfig(data="x", recipe="finetune").tta is True
     assert TrainConfig(data="x", recipe="finetune", tta=False).tta is False
-    assert TrainConfig(data="x", recipe="finetune").augment == "xray"
+    finetune = [TrainConfig(data="x", recipe="finetune") for _ in range(2)]
+    assert finetune[0].augment is None  # waits for the images too
+    assert finetune[0].resolve_views(grayscale=True) and finetune[0].augment == "erase"
+    assert not finetune[1].resolve_views(grayscale=False) and finetune[1].augment == "xray"
     assert TrainConfig(data="x", recipe="finetune", augment="none").augment == "none"
     assert TrainConfig(data="x", stages="4, 9, all").stage_depths() == [4, 9, None]
     assert main(["train", str(tmp_path), "--recipe", "finetune", "--stages", "9,4"]) == 2

@@ -10,6 +10,9 @@ Images arrive as decoded uint8 arrays already squashed to the model's input size
   axes together.
 - `xray`: small rotations and shifts, mild zoom, brightness and contrast; no flip, since
   a flip moves the heart to the other side.
+- `erase`: `xray`, then on half the views one random patch (2-15% of the image, any of the
+  aspect ratios RandomErasing draws) set to black: no single corner, burnt-in marker or edge
+  can carry the call. The fine-tune's default on grayscale images (config.py has the measurement).
 - `robust`: breaks the acquisition shortcuts of the chest X-ray set (pneumonia images there
   are blurrier, brighter and lower in contrast than normal ones): each view is blurred,
   sharpened or left alone with equal odds, then gets random gamma, brightness, contrast,
@@ -58,6 +61,9 @@ def train_transform(preset: str):
             v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
             v2.ColorJitter(brightness=0.2, contrast=0.2),
         ])
+    if preset == "erase":
+        return v2.Compose([train_transform("xray"),
+                           v2.RandomErasing(p=0.5, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0)])
     if preset == "robust":
         return v2.Compose([
             v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.25)),

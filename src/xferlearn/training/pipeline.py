@@ -136,10 +136,14 @@ def choose_for_images(config: TrainConfig, grayscale: bool, cache: DecodeCache, 
     if config.contrast == "auto":
         console.print("Contrast: CLAHE (local equalisation), as the images are grayscale (--contrast none: off)."
                       if contrast == "clahe" else "Contrast: as decoded (colour images; --contrast clahe: equalise).")
-    if config.resolve_views(grayscale):
+    chosen = config.resolve_views(grayscale)
+    if chosen and config.recipe == "linear":
         console.print(f"Views: the clean image, and one with sensor noise for {config.views:.0%} of the training "
                       "images, as the images are grayscale (a head on frozen features otherwise reads noise as "
                       "structure; --views 0: clean only).")
+    elif chosen:
+        console.print("Augmentation: erase (xray's, and a random patch blacked out in half the views), as the images "
+                      "are grayscale: no corner, burnt-in marker or edge can carry the call (--augment xray: without).")
     cache.contrast = contrast
     return replace(preprocessing, contrast=contrast)
 
