@@ -25,6 +25,8 @@ def test_run_folder_holds_everything(tiny_run):
         assert (tiny_run / name).exists(), name
     config = TrainConfig.load(tiny_run / "config.json")
     assert config.backbone == TINY["backbone"] and config.epochs == TINY["epochs"]
+    # Saved again once the images decided what was left out: the augmentation the run trained with.
+    assert config.augment is not None and config.augment == load_checkpoint(tiny_run).config["augment"]
 
 
 def test_checkpoint_describes_itself(tiny_run):

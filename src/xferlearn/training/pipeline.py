@@ -188,6 +188,7 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     preprocessing = choose_for_images(config, grayscale, cache, preprocessing)
     if is_rank_zero():
         barrier()
+        config.save(run.config)  # again, with what the images decided (views, augmentation)
         save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
         # What this run is: an earlier attempt's checkpoints are cleared, or refused under --resume.
         begin_attempt(run, run_identity(config.to_dict(), manifest, train_idx, val_idx), config.resume, console.print)
