@@ -51,6 +51,7 @@ def test_demo_end_to_end_leaves_a_run_that_predict_and_serve_use(tmp_path, capsy
     image = printed_command(out, "predict")[-1]
     assert row["file"].endswith(image.rsplit("/", 1)[-1])
     assert main(printed_command(out, "evaluate") + ["--bootstrap", "10", "--no-gallery"]) == 0
+    assert main(printed_command(out, "stress") + ["--shifts", "text", "--severities", "5", "--limit", "3"]) == 0
 
     # serve takes the run as it is.
     client = TestClient(create_app(run))

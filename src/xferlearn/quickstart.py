@@ -111,6 +111,8 @@ def print_summary(run: RunDir, sample: Path, metrics: dict, explanation: Path, s
     out.print(f"  xferlearn predict {q(run.root)} {q(image)}        # classify images (CSV)")
     out.print(f"  xferlearn serve {q(run.root)}        # HTTP service and upload page at http://127.0.0.1:8000")
     out.print(f"  xferlearn explain {q(run.root)} IMAGE.jpeg --out heatmaps        # where the model looked")
+    out.print(f"  xferlearn stress {q(run.root)} {q(sample / 'test')}        # the test/ part under acquisition-like "
+              "shifts (blur, noise, JPEG, markers, ...)")
     out.print(f"  xferlearn evaluate {q(run.root)} {q(sample / 'test')}        # the report again, with a gallery "
               "of the mistakes and their heatmaps")
     out.print("  xferlearn train path/to/your_images --out runs/mine        # your own images: one subfolder per class,")

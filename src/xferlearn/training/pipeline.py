@@ -235,7 +235,7 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
                                                                             "specificity"))
                   + f" at {decision_rule(threshold, source)}. {seconds:.0f} s. Checkpoint: {path}", highlight=False)
     # A cross-fitted run's final model trained on every image: none is left apart to stress.
-    stress = (f"`xferlearn stress {run.root} DATA` on labelled images it was not trained on" if folds
+    stress = (f"`xferlearn stress {run.root} DATA` (DATA: labelled images it was not trained on)" if folds
               else f"`xferlearn stress {run.root} --split val`")
     console.print(f"These {'cross-validated' if folds else 'validation'} figures are in-distribution: "
                   f"{len(val_idx)} images from {config.data}, the same source as the training images. They "
