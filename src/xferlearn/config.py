@@ -248,7 +248,7 @@ class TrainConfig:
                 raise XferlearnError(message)
 
         need(self.recipe in RECIPES, f"--recipe must be one of {RECIPES}, not {self.recipe!r}.")
-        if self.recipe != "linear":  # the augmentation left out waits for the images (resolve_views)
+        if self.recipe != "linear":  # the augmentation left out waits for the images (resolve_augmentation)
             self.views = 0 if self.views is None else self.views
         if self.backbone is None:
             self.backbone = DEFAULT_BACKBONE[self.recipe]
@@ -299,7 +299,7 @@ class TrainConfig:
         need(self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, not {self.strategy!r}.")
         need(self.devices >= 1 and self.num_nodes >= 1, "--devices and --num-nodes must be at least 1.")
 
-    def resolve_views(self, grayscale: bool) -> bool:
+    def resolve_augmentation(self, grayscale: bool) -> bool:
         """Fill in `views` and `augment` left out, which depend on whether the images are grayscale:
         the linear recipe's (GRAYSCALE_LINEAR_VIEWS), the fine-tune's (GRAYSCALE_FINETUNE_AUGMENT).
         True where the grayscale default was chosen so (the sensor-noise view, the erasing)."""

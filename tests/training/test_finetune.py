@@ -360,17 +360,17 @@ def test_the_deepest_stage_is_kept_unless_an_earlier_one_is_better_beyond_noise(
 def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_path, capsys):
     gray, colour = TrainConfig(data="x"), TrainConfig(data="x")
     assert gray.augment is None and gray.views is None  # the linear recipe's wait for the images
-    assert gray.resolve_views(grayscale=True) and (gray.views, gray.augment) == (0.25, "noise")
-    assert not colour.resolve_views(grayscale=False) and (colour.views, colour.augment) == (0, "article")
+    assert gray.resolve_augmentation(grayscale=True) and (gray.views, gray.augment) == (0.25, "noise")
+    assert not colour.resolve_augmentation(grayscale=False) and (colour.views, colour.augment) == (0, "article")
     mine = TrainConfig(data="x", views=0)
-    assert not mine.resolve_views(grayscale=True) and (mine.views, mine.augment) == (0, "noise")
+    assert not mine.resolve_augmentation(grayscale=True) and (mine.views, mine.augment) == (0, "noise")
     assert TrainConfig(data="x", recipe="finetune").views == 0
     assert TrainConfig(data="x").tta is False and TrainConfig(data="x", recipe="finetune").tta is True
     assert TrainConfig(data="x", recipe="finetune", tta=False).tta is False
     finetune = [TrainConfig(data="x", recipe="finetune") for _ in range(2)]
     assert finetune[0].augment is None  # waits for the images too
-    assert finetune[0].resolve_views(grayscale=True) and finetune[0].augment == "erase"
-    assert not finetune[1].resolve_views(grayscale=False) and finetune[1].augment == "xray"
+    assert finetune[0].resolve_augmentation(grayscale=True) and finetune[0].augment == "erase"
+    assert not finetune[1].resolve_augmentation(grayscale=False) and finetune[1].augment == "xray"
     assert TrainConfig(data="x", recipe="finetune", augment="none").augment == "none"
     assert TrainConfig(data="x", stages="4, 9, all").stage_depths() == [4, 9, None]
     assert main(["train", str(tmp_path), "--recipe", "finetune", "--stages", "9,4"]) == 2

@@ -136,7 +136,7 @@ def choose_for_images(config: TrainConfig, grayscale: bool, cache: DecodeCache, 
     if config.contrast == "auto":
         console.print("Contrast: CLAHE (local equalisation), as the images are grayscale (--contrast none: off)."
                       if contrast == "clahe" else "Contrast: as decoded (colour images; --contrast clahe: equalise).")
-    chosen = config.resolve_views(grayscale)
+    chosen = config.resolve_augmentation(grayscale)
     if chosen and config.recipe == "linear":
         console.print(f"Views: the clean image, and one with sensor noise for {config.views:.0%} of the training "
                       "images, as the images are grayscale (a head on frozen features otherwise reads noise as "
