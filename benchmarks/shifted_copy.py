@@ -25,7 +25,7 @@ from xferlearn._io import content_hash
 from xferlearn.config import STRESS_SHIFTS
 from xferlearn.data.augment import to_tensor
 from xferlearn.data.folders import class_folders, expand_paths
-from xferlearn.data.images import decode_file
+from xferlearn.data.images import decode
 from xferlearn.evaluation.corruptions import corrupt, seed_for
 from xferlearn.models.checkpoint import load_checkpoint
 
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     for name in class_folders(args.data):
         (args.out / name).mkdir(parents=True, exist_ok=True)
         for path in expand_paths([args.data / name]):
-            seed = seed_for(content_hash(path.read_bytes()), args.shift, args.severity)  # as stress seeds it
-            image = corrupt(to_tensor(decode_file(path, pre.input_size, pre.interpolation)), args.shift,
-                            args.severity, seed)
+            data = path.read_bytes()  # read once: hashed for the seed (as stress seeds it), then decoded
+            image = corrupt(to_tensor(decode(data, pre.input_size, pre.interpolation)), args.shift, args.severity,
+                            seed_for(content_hash(data), args.shift, args.severity))
             Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(
                 args.out / name / (path.stem + ".png"))
             written += 1
