@@ -69,6 +69,7 @@ def demo(out: str | Path = DEFAULT_OUT, *, force: bool = False, console: Console
     sample = chest_xray_sample()
     config = TrainConfig(data=str(sample / "train"), out=str(out), **options)  # checked before --force deletes
     run = prepare_out(config.out, force)
+    config.resolve_backbone(grayscale=True)  # the sample is chest X-rays: named in step 1's title
 
     console.rule(f"[bold]Step 1/{STEPS}: train[/] ({config.recipe}, {config.backbone}) on the sample's train/ part")
     train(config)

@@ -13,7 +13,7 @@ from conftest import TINY, make_folder
 import xferlearn
 from xferlearn.models.checkpoint import load_checkpoint, save_checkpoint
 from xferlearn.cli import main
-from xferlearn.config import TrainConfig
+from xferlearn.config import COLOUR_LINEAR_BACKBONE, DEFAULT_BACKBONE, TrainConfig
 from xferlearn.data.contrast import is_grayscale_folder
 from xferlearn.data.folders import find_layout, training_files
 from xferlearn.errors import XferlearnError
@@ -201,11 +201,13 @@ def test_the_contrast_step_follows_the_images_and_every_path_applies_it(tmp_path
 def test_colour_images_go_through_the_packaged_networks_at_320_px(tmp_path, image_folder):
     """The linear recipe on colour images with the packaged EfficientNet-Lites, --image-size left out:
     320 px (config.COLOUR_IMAGE_SIZE), saved with the run so predict uses it; grayscale images, other
-    networks, the fine-tune and a size the user gave keep theirs."""
+    networks, the fine-tune and a size the user gave keep theirs. --backbone left out: Lite0 and
+    Lite2 (config.COLOUR_LINEAR_BACKBONE) for colour images, the three Lites for grayscale ones."""
     from PIL import Image
 
-    lite0 = dict(backbone="efficientnet_lite0", epochs=2, views=0, cv=0)
-    gray = xferlearn.train(data=str(image_folder), out=str(tmp_path / "gray"), **lite0).run_dir
+    lite0 = dict(epochs=2, views=0, cv=0)  # --backbone left out: Lite0+Lite2 for colour images, resolved below
+    gray = xferlearn.train(data=str(image_folder), out=str(tmp_path / "gray"), backbone="efficientnet_lite0",
+                           **lite0).run_dir
     assert load_checkpoint(gray).image_size is None and load_checkpoint(gray).preprocessing.input_size == 224
     for path in image_folder.rglob("*.jpeg"):  # the same images, tinted: a colour set
         rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -214,17 +216,26 @@ def test_colour_images_go_through_the_packaged_networks_at_320_px(tmp_path, imag
     colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **lite0).run_dir
     checkpoint = load_checkpoint(colour)
     assert checkpoint.image_size == 320 and checkpoint.preprocessing.input_size == 320
+    assert checkpoint.backbone == COLOUR_LINEAR_BACKBONE == json.loads((colour / "config.json").read_text())["backbone"]
     assert json.loads((colour / "config.json").read_text())["image_size"] == 320
     model = xferlearn.load(colour, device="cpu")
     assert model.preprocessing.input_size == 320
     assert len(model.predict(sorted(image_folder.rglob("*.jpeg"))[:3])) == 3
-    mine = xferlearn.train(data=str(image_folder), out=str(tmp_path / "mine"), image_size=256, **lite0).run_dir
+    mine = xferlearn.train(data=str(image_folder), out=str(tmp_path / "mine"), image_size=256,
+                           backbone="efficientnet_lite0", **lite0).run_dir
     assert load_checkpoint(mine).image_size == 256
     other = {**TINY, "image_size": None}  # resnet18 without packaged weights: its own 224
     assert load_checkpoint(xferlearn.train(data=str(image_folder), out=str(tmp_path / "other"), **other).run_dir
                            ).preprocessing.input_size == 224
     finetune = TrainConfig(data="x", recipe="finetune")
     assert not finetune.resolve_image_size(grayscale=False, packaged=True) and finetune.image_size is None
+    # The linear recipe's networks wait for the images too; the fine-tune's and the user's do not.
+    gray_config, colour_config = TrainConfig(data="x"), TrainConfig(data="x")
+    assert gray_config.backbone is None and not gray_config.resolve_backbone(grayscale=True)
+    assert gray_config.backbone == DEFAULT_BACKBONE["linear"]
+    assert colour_config.resolve_backbone(grayscale=False) and colour_config.backbone == COLOUR_LINEAR_BACKBONE
+    assert not finetune.resolve_backbone(grayscale=False) and finetune.backbone == DEFAULT_BACKBONE["finetune"]
+    assert not TrainConfig(data="x", backbone="resnet18").resolve_backbone(grayscale=False)
 
 
 def test_both_feature_engines_train_the_same_run_and_a_wrong_one_is_refused(tmp_path, image_folder):
