@@ -205,15 +205,15 @@ def test_colour_images_go_through_the_packaged_networks_at_320_px(tmp_path, imag
     Lite2 (config.COLOUR_LINEAR_BACKBONE) for colour images, the three Lites for grayscale ones."""
     from PIL import Image
 
-    lite0 = dict(epochs=2, views=0, cv=0)  # --backbone left out: Lite0+Lite2 for colour images, resolved below
+    quick = dict(epochs=2, views=0, cv=0)  # --backbone left out below: Lite0+Lite2 for the colour images
     gray = xferlearn.train(data=str(image_folder), out=str(tmp_path / "gray"), backbone="efficientnet_lite0",
-                           **lite0).run_dir
+                           **quick).run_dir
     assert load_checkpoint(gray).image_size is None and load_checkpoint(gray).preprocessing.input_size == 224
     for path in image_folder.rglob("*.jpeg"):  # the same images, tinted: a colour set
         rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
         Image.fromarray((rgb * [1.0, 0.8, 0.6]).astype(np.uint8)).save(path)
     assert not is_grayscale_folder(training_files(find_layout(image_folder)))
-    colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **lite0).run_dir
+    colour = xferlearn.train(data=str(image_folder), out=str(tmp_path / "colour"), **quick).run_dir
     checkpoint = load_checkpoint(colour)
     assert checkpoint.image_size == 320 and checkpoint.preprocessing.input_size == 320
     assert checkpoint.backbone == COLOUR_LINEAR_BACKBONE == json.loads((colour / "config.json").read_text())["backbone"]
@@ -222,7 +222,7 @@ def test_colour_images_go_through_the_packaged_networks_at_320_px(tmp_path, imag
     assert model.preprocessing.input_size == 320
     assert len(model.predict(sorted(image_folder.rglob("*.jpeg"))[:3])) == 3
     mine = xferlearn.train(data=str(image_folder), out=str(tmp_path / "mine"), image_size=256,
-                           backbone="efficientnet_lite0", **lite0).run_dir
+                           backbone="efficientnet_lite0", **quick).run_dir
     assert load_checkpoint(mine).image_size == 256
     other = {**TINY, "image_size": None}  # resnet18 without packaged weights: its own 224
     assert load_checkpoint(xferlearn.train(data=str(image_folder), out=str(tmp_path / "other"), **other).run_dir

@@ -1,8 +1,8 @@
 """`train()`: the whole job, from a folder to a checkpoint.
 
 1. tell grayscale from colour on a sample of the images (it decides the linear recipe's networks,
-   the input size, the contrast step and the default views), and build the backbone (a clear error now beats one after an
-   hour of decoding);
+   the input size, the contrast step and the default views), and build the backbone (a clear
+   error now beats one after an hour of decoding);
 2. scan the folder and decide the validation: a provided validation folder large enough to
    choose on; else, on small data, K-fold cross-fitting (crossfit.py); else a held-out split,
    grouped by patient where file names carry one; save it with the run (with image hashes);
@@ -163,8 +163,8 @@ def train_here(config: TrainConfig) -> TrainResult:
     positive = named_positive_index(layout.classes, config.positive_class)
     grayscale = is_grayscale_folder(training_files(layout))
     if config.resolve_backbone(grayscale):
-        console.print(f"Networks: {config.backbone}, as the images are in colour (as good as the three Lites on "
-                      "photographs, in 0.7 of the time; --backbone to choose).")
+        console.print(f"Networks: {config.backbone}, as the images are in colour (they ranked photographs as well as "
+                      "the three Lites, in 0.7 of the time; --backbone to choose).")
     arch = resolve(config.backbone)
     if config.resolve_image_size(grayscale, is_packaged(arch)):
         console.print(f"Input size: {config.image_size} px, as the images are in colour (the networks' features "
