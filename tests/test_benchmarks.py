@@ -1,7 +1,7 @@
 """A benchmark that benchmarks/RESULTS.md quotes runs on the library as it is now
 (benchmarks/conflict_linear.py stopped running after the feature store changed, unnoticed).
-Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py, compare_oof.py, shifted_copy.py; the other
-benchmarks have no such test yet."""
+Covered: head_variants.py, int8_check.py, crossfit_epochs.py, finetune_step.py, compare_oof.py,
+shifted_copy.py; the other benchmarks have no such test yet."""
 
 import shutil
 import subprocess

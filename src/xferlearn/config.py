@@ -26,7 +26,8 @@ FROZEN_ENGINES = ("torch", "onnx")
 # where DDP's full replicas are faster; the head on cached features has nothing to shard.
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
-AUGMENT_PRESETS = ("article", "xray", "erase", "robust", "noise", "none")  # defined in data/augment.py (train_transform)
+# Defined in data/augment.py (train_transform).
+AUGMENT_PRESETS = ("article", "xray", "erase", "robust", "noise", "none")
 CONTRASTS = ("auto", "clahe", "none")  # the contrast step before the network (data/contrast.py)
 POOLS = ("auto", "avg", "max", "catavgmax")  # timm's global pooling before the classifier (backbones.with_pool)
 # Choices of the other commands, named here (the one light module the CLI imports) so that
@@ -112,9 +113,10 @@ DEFAULT_BACKBONE = {"linear": "efficientnet_lite0+efficientnet_lite1+efficientne
 # The linear recipe on colour photographs (--backbone left out) averages Lite0 and Lite2, not all
 # three: at COLOUR_IMAGE_SIZE the three made a 3000-image colour set take an estimated 4-5 minutes
 # on 2 AVX2 cores, against issue 11's 5. On ants and bees (the library's 5-fold out-of-fold
-# predictions, paired, three seeds) the pair ranked as well (AUC +0.0012, +0.0000, +0.0011; log
-# loss -0.0057, -0.0009, -0.0055, each interval spanning zero) with the same accuracy at its own
-# threshold; 3184 colour photographs trained in 84-106 s against 131-143 s (0.69x). Then scored
+# predictions, paired, three seeds) nothing told the two apart: AUC reads 0.995+ for both
+# (+0.0012, +0.0000, +0.0011), and log loss, which can still move there, moved -0.0057, -0.0009,
+# -0.0055 with each interval spanning zero; accuracy at each one's own threshold was equal. So the choice
+# is for the time: 3184 colour photographs trained in 84-106 s against 131-143 s (0.69x). Then scored
 # once on val/: AUC 0.9971 against 0.9972, accuracy 0.954 against 0.961, one image
 # (benchmarks/RESULTS.md, session 22). Grayscale sets keep the three: their ranking under shift
 # on chest X-rays is what chose the ensemble.
@@ -171,7 +173,8 @@ class TrainConfig:
                                   "default: 0.25 for grayscale images (X-rays; a sensor-noise view unless --augment "
                                   "names another preset), 0 for colour ones")
     augment: str | None = _option(None, "augmentation preset; default: the recipe's (linear: noise for "
-                                  "grayscale images, article for colour ones; finetune: erase for grayscale, xray for colour)",
+                                  "grayscale images, article for colour ones; finetune: erase for grayscale, xray for "
+                                  "colour)",
                                   AUGMENT_PRESETS)
     val: str | None = _option(None, "a folder of class folders to validate on (default: DATA/val where DATA "
                               f"holds train/); used when each class has >= {MIN_VAL_PER_CLASS} images, "
@@ -325,12 +328,12 @@ class TrainConfig:
         return chosen
 
     def resolve_backbone(self, grayscale: bool) -> bool:
-        """Fill in --backbone left out: the linear recipe's depends on whether the images are
-        grayscale (COLOUR_LINEAR_BACKBONE). True where the colour default was chosen so."""
-        chosen = self.backbone is None and not grayscale
-        if self.backbone is None:
-            self.backbone = COLOUR_LINEAR_BACKBONE if not grayscale else DEFAULT_BACKBONE[self.recipe]
-        return chosen
+        """Fill in --backbone left out (validate fills the fine-tune's): the linear recipe's depends on
+        whether the images are grayscale (COLOUR_LINEAR_BACKBONE). True where the colour default was chosen so."""
+        if self.backbone is not None:
+            return False
+        self.backbone = DEFAULT_BACKBONE[self.recipe] if grayscale else COLOUR_LINEAR_BACKBONE
+        return not grayscale
 
     def resolve_image_size(self, grayscale: bool, packaged: bool) -> bool:
         """Fill in --image-size left out (COLOUR_IMAGE_SIZE): True where it was chosen so. `packaged`:

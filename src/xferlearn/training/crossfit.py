@@ -115,7 +115,8 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
             oof[:, held_out] = np.stack(module.epoch_logits)
             progress.advance(task)
     best, aucs = choose_epoch(oof, labels, positive)
-    where = f"Cross-fitting{f' {stage} ({arch})' if stage else ''}: {k} folds ({grouping(manifest)}); out-of-fold AUC by epoch "
+    member = f" {stage} ({arch})" if stage else ""
+    where = f"Cross-fitting{member}: {k} folds ({grouping(manifest)}); out-of-fold AUC by epoch "
     if keep == "last":
         best = config.epochs - 1
         console.print(f"{where}reads {aucs[best]:.4f} at the last of {config.epochs} (best {max(aucs):.4f}); an "

@@ -163,8 +163,8 @@ def train_here(config: TrainConfig) -> TrainResult:
     positive = named_positive_index(layout.classes, config.positive_class)
     grayscale = is_grayscale_folder(training_files(layout))
     if config.resolve_backbone(grayscale):
-        console.print(f"Networks: {config.backbone}, as the images are in colour (they ranked photographs as well as "
-                      "the three Lites, in 0.7 of the time; --backbone to choose).")
+        console.print(f"Networks: {config.backbone}, as the images are in colour (no measurement told them from the "
+                      "three Lites on photographs, and they take 0.7 of the time; --backbone to choose).")
     arch = resolve(config.backbone)
     if config.resolve_image_size(grayscale, is_packaged(arch)):
         console.print(f"Input size: {config.image_size} px, as the images are in colour (the networks' features "
