@@ -72,6 +72,16 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def normal_positive_run(tiny_run) -> Path:
+    """The tiny run's data trained with NORMAL, the first class, as the positive one."""
+    from xferlearn import train
+
+    out = tiny_run.parent / "run-normal-positive"
+    return train(data=str(tiny_run.parent / "data"), out=str(out), cache_dir=str(tiny_run.parent / "cache"),
+                 positive_class="NORMAL", **TINY).run_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tiny_run) -> Path:
     return tiny_run.parent / "data"
 

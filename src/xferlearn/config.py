@@ -299,6 +299,8 @@ class TrainConfig:
         need(not (self.group_by and self.groups), "give either --group-by or --groups, not both.")
         need(not self.val_groups or bool(self.group_by or self.groups),
              "--val-groups names groups: give --group-by REGEX or --groups CSV to define them.")
+        need(not (self.cv and (self.group_by or self.groups)), "--cv folds are grouped by patient, not by "
+             "--group-by/--groups: leave --cv out and whole groups are held out for validation.")
         self.stage_depths()  # raises on a malformed --stages
         need(self.finetune_epochs >= 1, "--finetune-epochs must be at least 1.")
         need(self.finetune_batch_size >= 2, "--finetune-batch-size must be at least 2.")

@@ -94,3 +94,6 @@ def test_config_checks_group_flags(tmp_path):
         TrainConfig(data="d", group_by="x", groups="g.csv")
     with pytest.raises(XferlearnError, match="--val-groups"):
         TrainConfig(data="d", val_groups="a")
+    with pytest.raises(XferlearnError, match="--cv folds are grouped by patient"):  # folds would split the groups
+        TrainConfig(data="d", group_by="x", cv=5)
+    assert TrainConfig(data="d", group_by="x", cv=0).cv == 0  # --no-cv with groups: the group hold-out

@@ -86,6 +86,21 @@ def test_default_engine_is_int8_once_its_export_exists(int8_run, tiny_data, tmp_
     assert load_engine(stale, n_images=10).engine == "torch"
 
 
+def test_stress_on_the_int8_engine_names_its_threshold(int8_run, tiny_data, tmp_path):
+    record = xferlearn.stress(int8_run, tiny_data, tmp_path / "stress", engine="onnx-int8", shifts=["blur"],
+                              severities=[1], progress=False)
+    int8 = json.loads((int8_run / "export" / "model.json").read_text())["int8"]
+    assert record["threshold"] == pytest.approx(int8["threshold"])
+    assert record["threshold_source"] == int8["threshold_source"]
+
+
+def test_a_site_calibrated_run_is_not_quantised(tiny_run, tiny_data, tmp_path):
+    """Its threshold was chosen on the site sample; an int8 model would need its own, chosen there."""
+    xferlearn.calibrate(tiny_run, tiny_data, tmp_path / "cal", n_boot=20, always_move=True, min_per_class=2)
+    with pytest.raises(XferlearnError, match="site-calibrated run is not built"):
+        export(tmp_path / "cal", "onnx-int8")
+
+
 def test_rank_agreement_sees_reordering_within_a_class():
     """The second check: within each class, does int8 order the images as fp32 does? Scores far
     apart between classes (AUC 1 either way) cannot show a shuffle inside one; this can."""

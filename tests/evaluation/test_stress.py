@@ -79,6 +79,16 @@ def test_stress_binary_writes_files_and_severity_zero_is_the_clean_evaluation(ti
     assert "Mean error" in text and "| blur | 5 |" in text and "never re-tuned" in text
 
 
+def test_stress_decides_for_the_runs_positive_class(normal_positive_run, tiny_data, tmp_path):
+    """With --positive-class NORMAL (the first class), stress's clean figures are evaluate's."""
+    record = stress(normal_positive_run, tiny_data, tmp_path / "stress", shifts=["blur"], severities=[1],
+                    progress=False)
+    metrics = xferlearn.evaluate(normal_positive_run, tiny_data, tmp_path / "eval", n_boot=10, gallery=False)
+    assert record["positive_class"] == metrics["positive_class"] == "NORMAL"
+    for key in ("accuracy", "sensitivity", "specificity"):
+        assert record["clean"][key] == pytest.approx(metrics[key], abs=1e-9)
+
+
 def test_a_loaded_model_stresses_itself_with_its_own_options(tiny_run, tiny_data, tmp_path):
     """Model.stress uses the model as loaded (here with TTA, which the checkpoint did not choose),
     not a fresh engine from the run folder."""

@@ -36,6 +36,18 @@ def test_small_data_is_cross_fitted_then_refitted_on_every_image(tmp_path, capsy
     assert (result.run_dir / "logs" / "cv" / "fold5" / "metrics.csv").exists()
 
 
+def test_a_cross_fitted_run_resumed_makes_the_same_choice(tmp_path, capsys):
+    """--resume after the folds have run: each fold trains afresh (a fold resumed from its
+    last.ckpt would add no epochs, and its out-of-fold logits would be missing), so the resumed
+    run chooses the same epoch count and threshold."""
+    data = make_folder(tmp_path / "d", classes=("ants", "bees"), per_class=12, patients=False)
+    first = load_checkpoint(xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**TINY, "cv": None}).run_dir)
+    again = load_checkpoint(xferlearn.train(data=str(data), out=str(tmp_path / "r"), resume=True,
+                                            **{**TINY, "cv": None}).run_dir)
+    assert again.metrics["selection"]["chosen_epochs"] == first.metrics["selection"]["chosen_epochs"]
+    assert again.threshold == pytest.approx(first.threshold, abs=1e-4)
+
+
 def test_an_ensembles_members_keep_their_last_epoch_when_cross_fitted(tmp_path, capsys):
     """Each member is cross-fitted for its out-of-fold logits and curves, but none chooses its own
     epoch count: all keep the full --epochs, as with a held-out split."""

@@ -1,9 +1,12 @@
 """The shared training loop's choice of weights: the best epoch by validation AUC, or the last
 epoch (an ensemble's members), validated either way."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from xferlearn.config import TrainConfig
@@ -14,17 +17,17 @@ from xferlearn.training.loop import ClassifierModule, fit, train_loader
 EPOCHS = 5
 
 
-def fit_a_head(run, keep, resume=False, callbacks=None):
+def fit_a_head(run, keep, resume=False, callbacks=None, epochs=EPOCHS):
     """A head whose validation labels are unrelated to what it learns, so validation AUC wanders
     from epoch to epoch and the best epoch is not the last."""
     rng = np.random.default_rng(0)
     x, x_val = rng.normal(size=(200, 8)), rng.normal(size=(60, 8))
     y, y_val = (x[:, 0] > 0).astype(np.int64), rng.integers(0, 2, 60)
-    config = TrainConfig(data=str(run), epochs=EPOCHS, resume=resume)
+    config = TrainConfig(data=str(run), epochs=epochs, resume=resume)
     head = torch.nn.Linear(8, 2)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    module = ClassifierModule(head, ["NORMAL", "PNEUMONIA"], lr=0.05, weight_decay=0.0, epochs=EPOCHS)
+    module = ClassifierModule(head, ["NORMAL", "PNEUMONIA"], lr=0.05, weight_decay=0.0, epochs=epochs)
     train = train_loader(FeatureRowsDataset(ArrayRows(x), y, None, None), y, config, 2, batch_size=32)
     val = DataLoader(FeatureRowsDataset(ArrayRows(x_val), y_val, None, None), batch_size=64)
     record = fit(module, train, val, config, run, keep=keep, accelerator="cpu", devices=1,
@@ -80,6 +83,20 @@ def test_last_ckpt_holds_every_epoch_as_it_ends(keep, tmp_path):
 
     fit_a_head(tmp_path, keep, callbacks=[Recorder()])
     assert len(steps) == EPOCHS and all(saved == now for saved, now in steps)
+
+
+def test_a_fit_resumed_for_longer_follows_the_schedule_of_its_new_length(tmp_path):
+    """--resume --epochs 4 after 2 epochs: the last two run at the 4-epoch cosine's rates; the
+    2-epoch schedule saved in last.ckpt would have climbed back up past its end."""
+    rates = []
+
+    class Rates(Callback):
+        def on_train_epoch_start(self, trainer, module):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit_a_head(tmp_path, "last", epochs=2)
+    fit_a_head(tmp_path, "last", resume=True, epochs=4, callbacks=[Rates()])
+    assert rates == pytest.approx([0.05 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in (2, 3)])
 
 
 def test_an_unknown_choice_is_refused(tmp_path):

@@ -65,6 +65,15 @@ def test_a_sample_that_does_not_show_a_move_keeps_the_runs_operating_point(tiny_
     assert "excludes the run's" in record["decision"]
 
 
+def test_the_figures_on_the_sample_are_for_the_runs_positive_class(normal_positive_run, site, tmp_path):
+    record = xferlearn.calibrate(normal_positive_run, site, tmp_path / "cal", n_boot=50, always_move=True)
+    metrics = xferlearn.evaluate(tmp_path / "cal", site, tmp_path / "eval", n_boot=10, gallery=False)
+    after = record["on_sample_after"]
+    assert after["positive_class"] == metrics["positive_class"] == "NORMAL"
+    for key in ("accuracy", "sensitivity", "specificity"):
+        assert after[key] == pytest.approx(metrics[key], abs=1e-9)
+
+
 def test_prior_is_folded_into_the_bias(tiny_run, site, tmp_path):
     xferlearn.calibrate(tiny_run, site, tmp_path / "cal", prior=True, n_boot=20)
     old, new = load_checkpoint(tiny_run), load_checkpoint(tmp_path / "cal")

@@ -82,6 +82,7 @@ class OnnxPredictor(BasePredictor):
         super().__init__(card["classes"], threshold, card["positive_index"], card["temperature"],
                          Preprocessing.from_dict(card["preprocessing"]))
         self.card = card
+        self.threshold_source = (card["int8"] if int8 else card).get("threshold_source", "")
         self.tta = bool(card.get("tta", {}).get("on", False))
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or usable_cores()

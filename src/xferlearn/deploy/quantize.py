@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import file_sha256, os_error, read_json, write_json
-from ..config import MIN_VAL_PER_CLASS
+from ..config import MIN_VAL_PER_CLASS, THRESHOLDS
 from ..data.folders import expand_paths
 from ..data.contrast import equalize
 from ..data.images import Preprocessing, UnreadableImage, decode_file
@@ -198,6 +198,13 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
     FOLDER/model.json, if and only if its validation AUC is within `tolerance` of the fp32 export's
     and it orders each class's validation images as the fp32 export does (`RANK_FLOOR`)."""
     checkpoint = load_checkpoint(run)
+    training_point = checkpoint.operating_point
+    if training_point.when == "calibrate":
+        # Its threshold was chosen on the site sample through the fp32 network; an int8 model would
+        # need its own, chosen on that sample, which the run does not keep. Not built.
+        raise XferlearnError("int8 export of a site-calibrated run is not built: its threshold was chosen on the "
+                             "site sample, which the int8 model would need to choose its own on; use the fp32 "
+                             "export (--format onnx), or make the int8 model in the run it was calibrated from.")
     pre = checkpoint.preprocessing
     split = read_split(run, checkpoint.split_sha256)
     paths, calibration_source = calibration_paths(split, calibration, n_calibration)
@@ -222,11 +229,11 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         fp32 = OnnxPredictor(folder)
         int8 = OnnxPredictor(folder, model_file=target)
         p32, p8 = _probabilities(fp32, val_images), _probabilities(int8, val_images)
-        classes, training_point = checkpoint.classes, checkpoint.operating_point
+        classes = checkpoint.classes
         # The run's own rule, on the int8 model's validation probabilities.
-        point = choose_operating_point(val_y, p8, checkpoint.positive_index,
-                                       checkpoint.config.get("threshold", "youden"),
-                                       checkpoint.config.get("target_sensitivity"), data="validation split",
+        method = training_point.method if training_point.method in THRESHOLDS else "youden"
+        point = choose_operating_point(val_y, p8, checkpoint.positive_index, method, training_point.target,
+                                       data="validation split",
                                        n=len(val_y), when="export", engine="int8",
                                        tta_views=training_point.tta_views)
         threshold = point.value

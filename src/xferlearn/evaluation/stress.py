@@ -72,14 +72,17 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     with _progress(progress, total) as advance:
         images = decode_all(paths, digests, cache)
         clean = shifted_probabilities(predictor, images, digests, "clean", 0, batch_size, advance)
-        threshold, rule = predictor.threshold, checkpoint.threshold_source
-        base = compute_metrics(labels, clean, checkpoint.classes, threshold, rule)
+        # The engine's own threshold and its source: an int8 model decides at the one chosen for it.
+        threshold = predictor.threshold
+        rule = getattr(predictor, "threshold_source", None) or checkpoint.threshold_source
+        positive = checkpoint.positive_index
+        base = compute_metrics(labels, clean, checkpoint.classes, threshold, rule, positive)
         rows = []
         for shift in shifts:
             for severity in severities:
                 probs = shifted_probabilities(predictor, images, digests, shift, severity, batch_size, advance)
-                rows.append(_row(shift, severity, compute_metrics(labels, probs, checkpoint.classes, threshold, rule),
-                                 base))
+                rows.append(_row(shift, severity, compute_metrics(labels, probs, checkpoint.classes, threshold, rule,
+                                                                  positive), base))
     record = {
         "run": str(RunDir.of(run).root.resolve()), "data": source, "n": len(labels),
         "n_per_class": base["n_per_class"], "classes": checkpoint.classes,

@@ -22,6 +22,7 @@ AUC on average, ahead or level in 11 (benchmarks/crossfit_epochs.py; RESULTS.md,
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,15 @@ def crossfit_head(model, manifest: Manifest, config: TrainConfig, arch: str, wei
 
     oof = np.zeros((config.epochs, len(labels), len(manifest.classes)), dtype=np.float32)
     folds = fold_indices(manifest, k, config.split_random_state)
+    # Every fold trains afresh, also under --resume: a fold resumed from its last.ckpt would give
+    # the epochs after it only, and the out-of-fold logits need every epoch. A fold takes seconds
+    # on cached features; the refit on every image below resumes as any fit does.
+    fold_config = replace(config, resume=False)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"cross-fitting ({k} folds)", total=k)
         for fold, (inside, held_out) in enumerate(folds):
             head = copy.deepcopy(model.get_classifier())
-            _, module = train_head(head, *rows_of(inside), clean[held_out], labels[held_out], config,
+            _, module = train_head(head, *rows_of(inside), clean[held_out], labels[held_out], fold_config,
                                    manifest.classes, run,
                                    stage="/".join(filter(None, (stage, f"cv/fold{fold + 1}"))), positive=positive,
                                    keep_logits=True, progress_bar=False)

@@ -195,12 +195,14 @@ class FinetuneModule(ClassifierModule):
         return self
 
     def configure_optimizers(self):
-        groups = optimizer_groups(self.net, self.config)
-        optimizer = torch.optim.AdamW(groups)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in groups], total_steps=self.trainer.estimated_stepping_batches,
-            pct_start=WARMUP_FRACTION, anneal_strategy="cos", cycle_momentum=False)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        optimizer = torch.optim.AdamW(optimizer_groups(self.net, self.config))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer), "interval": "step"}}
+
+    def schedule(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["max_lr" if "max_lr" in group else "lr"] for group in optimizer.param_groups],
+            total_steps=self.trainer.estimated_stepping_batches, pct_start=WARMUP_FRACTION, anneal_strategy="cos",
+            cycle_momentum=False)
 
 
 class RandomViews(ImageDataset):

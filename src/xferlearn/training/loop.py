@@ -111,8 +111,32 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         # Adam as in the article, with decoupled weight decay and a cosine decay of the rate.
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return {"optimizer": optimizer, "lr_scheduler": self.schedule(optimizer)}
+
+    def schedule(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """The rate schedule over this fit's length, stepped once per epoch."""
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+
+    def on_train_start(self):
+        """A resumed fit follows the schedule of this fit's length from where it stands.
+
+        Lightning restores the schedule saved in last.ckpt, with the length it was made for;
+        after `--resume --epochs N` (a run continued for longer) the old cosine would climb back
+        up past its end, and a one-cycle past its end raises. So the schedule is made afresh for
+        this fit and stepped to the restored position (same length: the same rates)."""
+        slot = self.trainer.lr_scheduler_configs[0]
+        steps = slot.scheduler.last_epoch
+        if steps <= 0:  # a fresh fit
+            return
+        for group in slot.scheduler.optimizer.param_groups:  # back to the rate a fresh fit starts at
+            group["lr"] = group.get("initial_lr", group["lr"])
+        schedule = self.schedule(slot.scheduler.optimizer)
+        steps = min(steps, getattr(schedule, "total_steps", steps))  # a one-cycle cannot pass its end
+        with warnings.catch_warnings():  # "step() before optimizer.step()": replaying, not training
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(steps):
+                schedule.step()
+        slot.scheduler = schedule
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:

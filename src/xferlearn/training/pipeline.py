@@ -115,7 +115,7 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
     if layout.val_root is not None:
         console.print(f"Validation folder {layout.val_root} pooled into train: {why}.", highlight=False)
     grouped = bool(config.group_by or config.groups)  # whole groups held out: the signal the user asked for
-    k = 0 if grouped and not config.cv else choose_folds(config, manifest)
+    k = 0 if grouped else choose_folds(config, manifest)  # --cv with groups is refused (config.py)
     if k:
         everything = np.arange(len(manifest.samples))
         return manifest, everything, everything[:0], f"{k}-fold cross-fitting over every image, " \

@@ -125,7 +125,8 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
     before = {"temperature": checkpoint.temperature, "threshold": checkpoint.threshold,
               "operating_point": checkpoint.operating_point.to_dict(), "class_prior": checkpoint.class_prior}
     old_probs = np.mean([apply_temperature(v, checkpoint.temperature) for v in logits], axis=0)
-    old_metrics = compute_metrics(y, old_probs, checkpoint.classes, checkpoint.threshold, "as trained")
+    positive = checkpoint.positive_index
+    old_metrics = compute_metrics(y, old_probs, checkpoint.classes, checkpoint.threshold, "as trained", positive)
     where = dict(data=f"site sample {root}", n=len(y), when="calibrate",
                  tta_views=len(logits) if checkpoint.tta else 0)
     # Where the run's threshold would do as well as any the sample can pick, keep the run's rule whole.
@@ -140,7 +141,7 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
         decision = ("temperature re-fitted on the sample; argmax decides" if checkpoint.positive_index is None else
                     "temperature and threshold re-chosen on the sample" +
                     ("" if prior or always_move else ": the sample's threshold interval excludes the run's"))
-    metrics = compute_metrics(y, probs, checkpoint.classes, point.value, point.describe())
+    metrics = compute_metrics(y, probs, checkpoint.classes, point.value, point.describe(), positive)
     record = {"source_run": str(source.root.resolve()), "site_data": str(root.resolve()), "counts": counts,
               "prior": prior, "before": before, "on_sample_before": old_metrics, "decision": decision,
               "unmoved_interval": gate,
