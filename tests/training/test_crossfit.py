@@ -112,6 +112,18 @@ def test_a_large_enough_val_folder_is_the_validation_split(tmp_path, capsys):
     assert "validation folder" in split["how"]
 
 
+def test_a_val_folder_sharing_patients_with_train_is_used_with_a_warning(tmp_path, capsys):
+    root = tmp_path / "root"
+    make_folder(root / "train", per_class=12)  # patients IM-0000..0005 and person0..5
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(20):  # patients 0..9: six of each class also in train
+            file = f"IM-{i // 2:04d}-{i % 2 + 3:04d}.jpeg" if label == 0 else f"person{i // 2}_bacteria_{100 + i}.jpeg"
+            synthetic_image(label, 300 + i).save(root / "val" / name / file)
+    xferlearn.train(data=str(root), out=str(tmp_path / "r"), **{**TINY, "cv": None})
+    assert "Warning: 12 patients have images on both sides (e.g. IM-0000)" in _said(capsys)
+
+
 def test_a_small_val_folder_is_pooled_into_train(tmp_path, capsys):
     root = _root_with_val(tmp_path, 3)
     result = xferlearn.train(data=str(root), out=str(tmp_path / "r"), **TINY)

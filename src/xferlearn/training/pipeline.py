@@ -111,6 +111,10 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
         train_idx, val_idx = folder_split(manifest, layout.val_root)
         how = f"the validation folder {layout.val_root}: {why}"
         console.print(f"Validation: {layout.val_root} ({len(val_idx)} images), as {why}.", highlight=False)
+        patients = [{manifest.samples[i].patient for i in side} - {None} for side in (train_idx, val_idx)]
+        if shared := sorted(patients[0] & patients[1]):  # the folder is the user's split: said, not changed
+            console.print(f"Warning: {len(shared)} patients have images on both sides (e.g. {shared[0]}); the "
+                          "validation figures are optimistic for them.", highlight=False)
         return manifest, train_idx, val_idx, how, 0
     if layout.val_root is not None:
         console.print(f"Validation folder {layout.val_root} pooled into train: {why}.", highlight=False)
