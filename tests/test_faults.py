@@ -207,6 +207,27 @@ def test_lock_is_reentrant_and_released():
         assert (Path(folder) / ".lock").read_text() == ""  # released cleanly: nobody to report as stale
 
 
+def test_another_thread_is_a_second_writer(tmp_path):
+    import threading
+
+    errors = []
+
+    def second():
+        try:
+            with RunDir(tmp_path).lock("second"):
+                pass
+        except XferlearnError as error:
+            errors.append(str(error))
+
+    with RunDir(tmp_path).lock("first"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "another thread of this process" in errors[0]
+    with RunDir(tmp_path).lock("after"):  # released whole: the refused thread took nothing
+        pass
+
+
 # --- case 4: a full disk at each write point ------------------------------------------------------
 # 60 MB: room for the head stage's files (stages/head.pt is resnet18's 45 MB), not for stage 1's
 # Lightning checkpoint (the weights and Adam's moments of the layers it trains, ~110 MB).

@@ -5,8 +5,9 @@ into a run (train, evaluate, export, explain into the run). The file records the
 host and command, so a second writer is refused with one line naming it. The kernel drops a
 flock when its process dies (kill -9 included), so a lock file left by a dead process is
 simply taken over; the file's record then names the dead holder and we say so. The lock is
-re-entrant within a process (export inside predict, ensure_onnx inside export), since one
-command may reach it through several library functions.
+re-entrant within a thread (export inside predict, ensure_onnx inside export), since one
+command may reach it through several library functions; another thread of the same process
+is a second writer and is refused as one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ._io import os_error
 from .errors import XferlearnError
 
 LOCK_FILE = ".lock"
-_held: dict[str, list] = {}  # resolved lock path -> [fd, depth], for re-entry in this process
+_held: dict[str, list] = {}  # resolved lock path -> [fd, depth, thread], for re-entry in this thread
 _guard = threading.Lock()
 
 
@@ -56,11 +57,12 @@ def run_lock(root: str | Path, command: str | None = None, notify=None):
         raise os_error(root, error, "create") from None
     key = str(path)
     with _guard:
-        if key in _held:
+        reentered = key in _held
+        if reentered and _held[key][2] != threading.get_ident():
+            raise XferlearnError(f"{root} is in use by another thread of this process; wait for it to finish, or "
+                                 "use another folder.")
+        if reentered:
             _held[key][1] += 1
-            reentered = True
-        else:
-            reentered = False
     if reentered:
         try:
             yield path
@@ -94,7 +96,7 @@ def run_lock(root: str | Path, command: str | None = None, notify=None):
         except OSError as error:
             raise os_error(path, error) from None
         with _guard:
-            _held[key] = [fd, 1]
+            _held[key] = [fd, 1, threading.get_ident()]
         try:
             yield path
         finally:
