@@ -17,13 +17,13 @@ from xferlearn.training.loop import ClassifierModule, fit, train_loader
 EPOCHS = 5
 
 
-def fit_a_head(run, keep, resume=False, callbacks=None, epochs=EPOCHS):
+def fit_a_head(run, keep, resume=False, callbacks=None, epochs=EPOCHS, imbalance="weights"):
     """A head whose validation labels are unrelated to what it learns, so validation AUC wanders
     from epoch to epoch and the best epoch is not the last."""
     rng = np.random.default_rng(0)
     x, x_val = rng.normal(size=(200, 8)), rng.normal(size=(60, 8))
     y, y_val = (x[:, 0] > 0).astype(np.int64), rng.integers(0, 2, 60)
-    config = TrainConfig(data=str(run), epochs=epochs, resume=resume)
+    config = TrainConfig(data=str(run), epochs=epochs, resume=resume, imbalance=imbalance)
     head = torch.nn.Linear(8, 2)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -97,6 +97,21 @@ def test_a_fit_resumed_for_longer_follows_the_schedule_of_its_new_length(tmp_pat
     fit_a_head(tmp_path, "last", epochs=2)
     fit_a_head(tmp_path, "last", resume=True, epochs=4, callbacks=[Rates()])
     assert rates == pytest.approx([0.05 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in (2, 3)])
+
+
+@pytest.mark.parametrize("imbalance", ["weights", "sampler"])
+def test_a_fit_stopped_after_an_epoch_and_resumed_ends_as_one_that_ran_through(imbalance, tmp_path):
+    """The shuffles and the class-balanced draws are seeded by the epoch, not by how far a
+    generator had advanced, so the resumed epochs see the rows the uninterrupted fit saw."""
+
+    class StopAfterFirst(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = True
+
+    _, through, _ = fit_a_head(tmp_path / "a", "last", imbalance=imbalance)
+    fit_a_head(tmp_path / "b", "last", imbalance=imbalance, callbacks=[StopAfterFirst()])
+    _, resumed, _ = fit_a_head(tmp_path / "b", "last", resume=True, imbalance=imbalance)
+    assert torch.allclose(resumed, through, atol=1e-6)
 
 
 def test_an_unknown_choice_is_refused(tmp_path):

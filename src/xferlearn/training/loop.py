@@ -145,14 +145,25 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
+class EpochSeededSampler(WeightedRandomSampler):
+    """Weighted draws seeded by the run's seed and the epoch (Lightning calls `set_epoch`, as for a
+    DistributedSampler), so a resumed run draws what the uninterrupted one would have drawn."""
+
+    def __init__(self, weights, num_samples: int, replacement: bool, seed: int):
+        super().__init__(weights, num_samples, replacement, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
 def train_loader(dataset, y: np.ndarray, config: TrainConfig, num_classes: int, *, batch_size: int,
                  **loader_kwargs) -> DataLoader:
     """Shuffled batches of `dataset` (labels `y`), class-balanced with `--imbalance sampler`."""
-    generator = torch.Generator().manual_seed(config.seed)
     if config.imbalance == "sampler":
         # Each class drawn equally often; an epoch still has as many rows as the data.
         per_row = class_weights(y, num_classes).numpy()[y]
-        sampler = WeightedRandomSampler(per_row, num_samples=len(y), replacement=True, generator=generator)
+        sampler = EpochSeededSampler(per_row, num_samples=len(y), replacement=True, seed=config.seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
     # The same global batches at any number of processes: each takes every W-th row of one
     # permutation per epoch (seeded by the run's seed and the epoch; Lightning keeps a
