@@ -74,13 +74,16 @@ def test_split_without_patient_names_is_plain_stratified(tmp_path, cache):
     assert "each image its own group" in how and "patient" not in how  # no patient talk without patients
 
 
-def test_split_is_saved(tmp_path, image_folder, cache):
-    manifest = scan(image_folder, cache)
+def test_split_is_saved(tmp_path, image_folder, cache, monkeypatch):
+    monkeypatch.chdir(image_folder.parent)  # DATA given relative to where train ran
+    manifest = scan(Path(image_folder.name), cache)
     train_idx, val_idx, how = split_validation(manifest, 0.25)
     save_split(tmp_path / "split.json", manifest, train_idx, val_idx, how)
     saved = json.loads((tmp_path / "split.json").read_text())
     assert len(saved["train"]) == len(train_idx) and len(saved["val"]) == len(val_idx)
     assert {"path", "label", "digest", "patient"} <= set(saved["val"][0])
+    assert all(Path(entry["path"]).is_absolute() and Path(entry["path"]).is_file()  # readable from anywhere
+               for entry in saved["train"] + saved["val"])
 
 
 def test_kaggle_root_finds_val_and_checks_test(tmp_path):
@@ -153,10 +156,17 @@ def test_folder_split_and_counts(tmp_path, cache):
     # An image in both folders is kept once, on the training side: validation never repeats train.
     shutil.copy(tmp_path / "train" / "NORMAL" / "IM-0000-0001.jpeg", tmp_path / "val" / "NORMAL" / "copy.jpeg")
     manifest = scan([tmp_path / "train", tmp_path / "val"], cache)
-    train_idx, val_idx = folder_split(manifest, tmp_path / "val")
+    train_idx, val_idx = folder_split(manifest, tmp_path / "val", 4)
     assert len(train_idx) == 12 and len(val_idx) == 8
     assert all("/val/" in manifest.paths[i] for i in val_idx) and len(manifest.duplicates) == 1
     assert manifest.duplicates[0][0].endswith("val/NORMAL/copy.jpeg")
+    # A validation folder that is mostly the training images leaves too little apart: refused.
+    with pytest.raises(XferlearnError, match=r"leaves training .* and validation \{'NORMAL': 4, 'PNEUMONIA': 4\} "
+                                             r".*\(1 of its files are copies of training images"):
+        folder_split(manifest, tmp_path / "val", 5)
+    itself = scan([tmp_path / "train", tmp_path / "train"], cache)  # --val pointing at the training folder
+    with pytest.raises(XferlearnError, match="give a validation folder apart from the training images"):
+        folder_split(itself, tmp_path / "train", 4)
 
 
 def test_patients_are_mentioned_only_where_files_carry_them(tmp_path, cache):

@@ -34,6 +34,10 @@ def test_small_data_is_cross_fitted_then_refitted_on_every_image(tmp_path, capsy
     with open(result.run_dir / "validation_predictions.csv") as rows:
         assert len(list(csv.DictReader(rows))) == 24  # every image, out of fold
     assert (result.run_dir / "logs" / "cv" / "fold5" / "metrics.csv").exists()
+    xferlearn.evaluate(result.run_dir, data, tmp_path / "eval", n_boot=10, gallery=False)
+    report = " ".join((tmp_path / "eval" / "report.md").read_text().split())
+    assert "come from the run's validation: out-of-fold predictions of the training images" in report
+    assert "carved from the training folder" not in report
 
 
 def test_a_cross_fitted_run_resumed_makes_the_same_choice(tmp_path, capsys):

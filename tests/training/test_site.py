@@ -42,6 +42,8 @@ def test_calibrate_writes_a_new_run_that_every_command_uses(tiny_run, site, tmp_
     assert rows[0]["threshold"] == point.value
     metrics = xferlearn.evaluate(tmp_path / "cal", site, tmp_path / "report", n_boot=20, gallery=False)
     assert "site sample" in metrics["threshold_source"] and metrics["threshold"] == point.value
+    report = " ".join((tmp_path / "report" / "report.md").read_text().split())
+    assert "The threshold does not: it was re-chosen by Youden's J" in report and "site sample" in report
 
 
 def test_a_sample_that_does_not_show_a_move_keeps_the_runs_operating_point(tiny_run, site, tmp_path, monkeypatch):

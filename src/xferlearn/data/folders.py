@@ -153,11 +153,24 @@ def use_validation_folder(counts: dict[str, int], minimum: int) -> tuple[bool, s
                    "to choose a threshold on")
 
 
-def folder_split(manifest: Manifest, val_root: Path) -> tuple[np.ndarray, np.ndarray]:
+def folder_split(manifest: Manifest, val_root: Path, minimum: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices of a manifest scanned from train roots and `val_root`: val is what
-    lies under `val_root` (an image also in train was kept once, on the train side)."""
+    lies under `val_root` (an image also in train was kept once, on the train side). Refused
+    when that leaves a class without training images or with fewer than `minimum` validation
+    images: a validation folder that is (partly) the training images would leave nothing apart."""
     inside = np.array([Path(s.path).is_relative_to(val_root) for s in manifest.samples])
-    return np.flatnonzero(~inside), np.flatnonzero(inside)
+    train_idx, val_idx = np.flatnonzero(~inside), np.flatnonzero(inside)
+    count = lambda idx: dict(zip(manifest.classes, np.bincount(manifest.labels[idx],  # noqa: E731
+                                                               minlength=len(manifest.classes)).tolist()))
+    train_counts, val_counts = count(train_idx), count(val_idx)
+    if min(train_counts.values()) == 0 or min(val_counts.values()) < minimum:
+        dropped = sum(Path(path).is_relative_to(val_root) and not Path(kept).is_relative_to(val_root)
+                      for path, kept in manifest.duplicates)
+        raise XferlearnError(f"{val_root} leaves training {train_counts} and validation {val_counts} images per class "
+                             f"({dropped} of its files are copies of training images, kept on the training side; "
+                             f"validation needs {minimum} a class): give a validation folder apart from the training "
+                             "images, or leave --val out.")
+    return train_idx, val_idx
 
 
 def check_same_classes(expected: list[str], found: list[str], where: Path | str) -> None:
@@ -309,8 +322,9 @@ def split_validation(manifest: Manifest, val_fraction: float = 0.2, seed: int = 
 def save_split(path: Path, manifest: Manifest, train_idx, val_idx, how: str, phashes: list[str] | None = None) -> None:
     """RUN/split.json: every training and validation image with its content hash and, where
     given (one per sample), its perceptual hash, so `evaluate` can find overlaps without the files."""
-    def entry(i):
-        return {**asdict(manifest.samples[i]), **({"phash": phashes[i]} if phashes else {})}
+    def entry(i):  # absolute paths: later commands (stress --split val, int8) run from anywhere
+        sample = asdict(manifest.samples[i]) | {"path": os.path.abspath(manifest.samples[i].path)}
+        return sample | ({"phash": phashes[i]} if phashes else {})
 
     record = {
         "how": how,

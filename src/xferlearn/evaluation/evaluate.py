@@ -17,7 +17,7 @@ import torch
 
 from .._io import read_json
 from ..errors import XferlearnError
-from ..data.folders import ImageDataset, check_same_classes, class_folders, scan
+from ..data.folders import ImageDataset, check_same_classes, class_folders, is_cross_fitted, scan
 from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
@@ -53,14 +53,25 @@ def predict_manifest(predictor: Predictor, manifest, cache: DecodeCache, batch_s
     return np.concatenate(batches) if batches else np.zeros((0, len(predictor.classes)))
 
 
-def validation_section(rundir: RunDir) -> str:
-    """What the run's validation was, and what neither it nor these figures can show."""
+def validation_section(rundir: RunDir, point) -> str:
+    """What the run's validation was (a split carved from the training folder, a validation
+    folder, or out-of-fold predictions), where the threshold came from (`point`, the run's
+    OperatingPoint: validation, or a site sample), and what neither can show."""
     split = read_json(rundir.split)
-    where = (f"{len(split['val'])} images carved from the training folder ({split.get('how', '')})"
-             if isinstance(split, dict) and split.get("val") else "images carved from the training folder")
-    return ("## What validation was, and what it cannot show\n\n"
-            f"The threshold and the training-time figures come from the run's validation split: {where}. "
-            "That split is in-distribution: the same source, devices and habits as the training images. It "
+    split = split if isinstance(split, dict) else {}
+    how, n = split.get("how", "not recorded"), len(split.get("val") or [])
+    if is_cross_fitted(split):
+        where = f"out-of-fold predictions of the training images themselves ({how})"
+    elif how.startswith("the validation folder"):
+        where = f"{n} images of {how}"
+    else:
+        where = f"{n} images carved from the training folder ({how})"
+    threshold = ("The training-time figures come from the run's validation: "
+                 f"{where}. The threshold does not: it was re-chosen by {point.describe()}. "
+                 if point.when == "calibrate" else
+                 f"The threshold and the training-time figures come from the run's validation: {where}. ")
+    return ("## What validation was, and what it cannot show\n\n" + threshold +
+            "That validation is in-distribution: the same source, devices and habits as the training images. It "
             "cannot show how the model holds up on images from other sites or devices, and neither can the "
             "figures above unless the data evaluated comes from elsewhere. `xferlearn stress` measures how far "
             "acquisition-like shifts move the model; only labelled images from a new site measure it there.")
@@ -123,7 +134,8 @@ def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision,
     leak = "## Overlap with the run's images\n\n" + metrics["overlap"]["summary"] + (
         " (identical files by content hash; near copies, re-encoded or resized, by a perceptual hash)"
         if overlap.get("checked") else "")
-    sections = [leak, operating_point, training_figures(checkpoint.metrics), validation_section(rundir),
+    sections = [leak, operating_point, training_figures(checkpoint.metrics),
+                validation_section(rundir, checkpoint.operating_point),
                 stress_section(rundir.root), gallery_section]
     write_report(out_dir, metrics, labels, probs, predictor.classes, title="xferlearn evaluation",
                  run_info=run_info, history_csv=history, intervals=intervals,

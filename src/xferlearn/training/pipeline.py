@@ -108,7 +108,7 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
     for path, reason in manifest.unreadable:
         console.print(f"  unreadable: {path}: {reason}", highlight=False)
     if use_folder:
-        train_idx, val_idx = folder_split(manifest, layout.val_root)
+        train_idx, val_idx = folder_split(manifest, layout.val_root, MIN_VAL_PER_CLASS)
         how = f"the validation folder {layout.val_root}: {why}"
         console.print(f"Validation: {layout.val_root} ({len(val_idx)} images), as {why}.", highlight=False)
         patients = [{manifest.samples[i].patient for i in side} - {None} for side in (train_idx, val_idx)]
