@@ -91,6 +91,17 @@ def test_evaluate_writes_report(tiny_run, tiny_data, tmp_path, capsys):
     assert "validation split" in (out / "report.md").read_text()
 
 
+def test_an_output_folder_inside_the_images_is_refused_before_anything_is_written(tiny_run, tiny_data, tmp_path):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    with pytest.raises(XferlearnError, match="lies inside the images"):
+        xferlearn.train(data=str(data), out=str(data / "run"), **TINY)
+    with pytest.raises(XferlearnError, match="lies inside the images"):
+        xferlearn.evaluate(tiny_run, data, data / "report", n_boot=10, gallery=False)
+    with pytest.raises(XferlearnError, match="lies inside the images"):
+        xferlearn.stress(tiny_run, data, data / "stress", shifts=["blur"], severities=[1], progress=False)
+    assert sorted(p.name for p in data.iterdir()) == ["NORMAL", "PNEUMONIA"]  # nothing left in the data
+
+
 def test_evaluate_refuses_other_classes(tiny_run, tmp_path):
     data = make_folder(tmp_path / "other", classes=("CAT", "DOG"), per_class=2)
     with pytest.raises(XferlearnError, match="missing"):

@@ -173,6 +173,16 @@ def folder_split(manifest: Manifest, val_root: Path, minimum: int) -> tuple[np.n
     return train_idx, val_idx
 
 
+def check_outside(out: str | Path, roots) -> None:
+    """One line when an output folder would lie inside folders of images that get scanned: its
+    files would be read as a class of their own (or as images of one) the next time."""
+    target = Path(out).resolve()
+    for root in roots:
+        if root is not None and target.is_relative_to(Path(root).resolve()):
+            raise XferlearnError(f"--out {out} lies inside the images in {root}: its files would be read as a class "
+                                 "of their own; choose a folder outside it.")
+
+
 def check_same_classes(expected: list[str], found: list[str], where: Path | str) -> None:
     if list(found) != list(expected):
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))

@@ -17,7 +17,8 @@ import torch
 
 from .._io import read_json
 from ..errors import XferlearnError
-from ..data.folders import ImageDataset, check_same_classes, class_folders, is_cross_fitted, scan
+from ..data.folders import (ImageDataset, check_outside, check_same_classes, class_folders, is_cross_fitted,
+                            scan)
 from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
@@ -97,6 +98,8 @@ def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision,
               strict) -> dict:
     predictor = load_predictor(run, precision=precision, tta=tta, prevalence=prevalence)
     root = evaluation_root(Path(data), predictor.classes)
+    if out is not None:
+        check_outside(out, [root])
     pre = predictor.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
     manifest = scan(root, cache, classes=predictor.classes, dedupe=False)

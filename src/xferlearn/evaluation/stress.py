@@ -32,7 +32,7 @@ import torch
 
 from .._io import read_json
 from ..data.contrast import equalize_tensor
-from ..data.folders import is_cross_fitted, scan
+from ..data.folders import check_outside, is_cross_fitted, scan
 from ..data.images import DecodeCache, UnreadableImage
 from ..errors import XferlearnError
 from ..models.checkpoint import load_checkpoint
@@ -65,6 +65,8 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
         predictor = Predictor(checkpoint, precision=precision)
     pre = checkpoint.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
+    if out is not None and data is not None:
+        check_outside(out, [evaluation_root(Path(data), checkpoint.classes)])
     paths, digests, labels, source = _images(run, data, split, checkpoint.classes, cache)
     paths, digests, labels = _limit(paths, digests, labels, limit, len(checkpoint.classes), seed)
     started = time.perf_counter()

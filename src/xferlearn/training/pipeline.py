@@ -26,8 +26,8 @@ import numpy as np
 from .._io import file_sha256, os_error, write_json
 from ..config import TrainConfig
 from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
-from ..data.folders import (Manifest, count_images, find_layout, folder_split, grouping, save_split, scan,
-                            split_validation, training_files, use_validation_folder)
+from ..data.folders import (Manifest, check_outside, count_images, find_layout, folder_split, grouping, save_split,
+                            scan, split_validation, training_files, use_validation_folder)
 from ..data.phash import hashes
 from ..data.contrast import is_grayscale_folder, resolve_contrast
 from ..data.images import DecodeCache
@@ -164,6 +164,7 @@ def train_here(config: TrainConfig) -> TrainResult:
     console.quiet = console.quiet or not is_rank_zero()
     L.seed_everything(config.seed, verbose=False)
     layout = find_layout(config.data, config.val)
+    check_outside(config.out, [*layout.train_roots, layout.val_root])
     positive = named_positive_index(layout.classes, config.positive_class)
     grayscale = is_grayscale_folder(training_files(layout))
     if config.resolve_backbone(grayscale):
