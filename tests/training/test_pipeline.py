@@ -69,6 +69,15 @@ def test_predict_cli_csv_goes_past_unreadable_files(tiny_run, tiny_data, tmp_pat
     assert sum(r["class"] == "NORMAL" for r in good) >= 14  # the synthetic task is easy
 
 
+def test_predict_cli_says_where_its_threshold_came_from_and_refuses_no_images(tiny_run, tiny_data, tmp_path, capsys):
+    assert main(["predict", str(tiny_run), str(tiny_data / "NORMAL")]) == 0
+    threshold = load_checkpoint(tiny_run).threshold
+    assert f"PNEUMONIA where its probability >= {threshold:.4g} (Youden's J" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tiny_run), str(tmp_path / "empty")]) == 2
+    assert "No image files found" in capsys.readouterr().err
+
+
 def test_predict_cli_json(tiny_run, tiny_data, tmp_path):
     out = tmp_path / "p.json"
     assert main(["predict", str(tiny_run), str(tiny_data), "--format", "json", "-o", str(out)]) == 0
@@ -100,6 +109,12 @@ def test_an_output_folder_inside_the_images_is_refused_before_anything_is_writte
     with pytest.raises(XferlearnError, match="lies inside the images"):
         xferlearn.stress(tiny_run, data, data / "stress", shifts=["blur"], severities=[1], progress=False)
     assert sorted(p.name for p in data.iterdir()) == ["NORMAL", "PNEUMONIA"]  # nothing left in the data
+
+
+def test_a_threshold_rule_on_three_classes_is_refused(tmp_path):
+    data = make_folder(tmp_path / "d", classes=("cat", "dog", "fox"), per_class=2)
+    with pytest.raises(XferlearnError, match="--threshold target_sensitivity applies to two classes; these data have 3"):
+        xferlearn.train(data=str(data), out=str(tmp_path / "r"), target_sensitivity=0.9, **TINY)
 
 
 def test_evaluate_refuses_other_classes(tiny_run, tmp_path):

@@ -226,10 +226,7 @@ class _Service:
 
     def threshold_source(self) -> str:
         """Where the engine's threshold came from: the int8 model has its own, chosen at export."""
-        sidecar = getattr(self.predictor, "card", None)
-        if self.engine == "onnx-int8" and isinstance(sidecar, dict) and "int8" in sidecar:
-            return sidecar["int8"]["threshold_source"]
-        return self.checkpoint.threshold_source
+        return getattr(self.predictor, "threshold_source", "") or self.checkpoint.threshold_source
 
     def card(self) -> dict:
         card = without_paths(plain(self.checkpoint.card()))

@@ -28,7 +28,8 @@ DEFINITIONS = (
 CAVEAT = (
     "These shifts are synthetic and applied to the decoded image at the model's input size. They show which "
     "changes of acquisition the model is sensitive to and how far its operating point drifts; they do not "
-    "measure performance at another hospital, which only labelled images from there can.")
+    "measure performance at another site (hospital, camera, production line), which only labelled images "
+    "from there can.")
 
 
 def write_stress(out_dir: Path, record: dict, example: np.ndarray) -> dict[str, Path]:

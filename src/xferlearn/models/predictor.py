@@ -45,6 +45,7 @@ class Predictor(BasePredictor):
         super().__init__(checkpoint.classes, checkpoint.threshold, checkpoint.positive_index,
                          checkpoint.temperature, checkpoint.preprocessing)
         self.checkpoint = checkpoint
+        self.threshold_source = checkpoint.threshold_source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device)
         self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)

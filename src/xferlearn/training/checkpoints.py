@@ -57,9 +57,11 @@ def begin_attempt(run: RunDir, identity: str, resume: bool, say=print) -> None:
     if resume:
         stored = stored_identity(run.root)
         if stored is not None and stored != identity:
+            instead = ("choose another --out (it holds that run's finished model, which a new run never overwrites)"
+                       if run.checkpoint.exists() else
+                       "rerun without --resume to start afresh there, or choose another --out")
             raise XferlearnError(f"--resume: {run.root} holds another run (identity {stored}; this command's "
-                                 f"config, images and split give {identity}); rerun without --resume to start "
-                                 "afresh there, or choose another --out.")
+                                 f"config, images and split give {identity}); {instead}.")
     else:
         leftovers = [path for path in run.resumable() if path.exists()]
         for path in leftovers:

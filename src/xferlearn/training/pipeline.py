@@ -166,6 +166,9 @@ def train_here(config: TrainConfig) -> TrainResult:
     layout = find_layout(config.data, config.val)
     check_outside(config.out, [*layout.train_roots, layout.val_root])
     positive = named_positive_index(layout.classes, config.positive_class)
+    if positive is None and config.threshold != "youden":
+        raise XferlearnError(f"--threshold {config.threshold} applies to two classes; these data have "
+                             f"{len(layout.classes)}, and the most probable class decides.")
     grayscale = is_grayscale_folder(training_files(layout))
     if config.resolve_backbone(grayscale):
         console.print(f"Networks: {config.backbone}, as the images are in colour (no measurement told them from the "
