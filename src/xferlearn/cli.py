@@ -134,7 +134,7 @@ def run_evaluate(args) -> int:
         line = f"accuracy {metrics['accuracy']:.4f}  AUC {metrics['auc']:.4f}  " \
                f"sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  n {metrics['n']}"
         print(line)
-        print(decision_rule(metrics["threshold"], metrics["threshold_source"]))
+        print(decision_rule(metrics["threshold"], metrics["threshold_source"], metrics.get("positive_class")))
     return 0
 
 

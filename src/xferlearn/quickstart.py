@@ -103,7 +103,8 @@ def print_summary(run: RunDir, sample: Path, metrics: dict, explanation: Path, s
     out.print(f"On the sample's test/ part ({metrics['n']} images, {metrics['n_per_class']}):")
     out.print(f"  AUC {_figure(metrics, 'auc')}\n  sensitivity {_figure(metrics, 'sensitivity')}\n"
               f"  specificity {_figure(metrics, 'specificity')}")
-    out.print(f"  at {decision_rule(metrics['threshold'], metrics['threshold_source'])}.")
+    rule = decision_rule(metrics["threshold"], metrics["threshold_source"], metrics.get("positive_class"))
+    out.print(f"  at {rule}.")
     out.print("  The test/ part is other patients from the same source as train/ (in-distribution): these "
               "figures show the job works end to end, not how the model would do on another hospital's images "
               f"(they cannot show shift). {metrics['n']} images are far too few to judge a model by.")

@@ -23,7 +23,7 @@ def test_exact_and_near_copies_are_counted_per_side():
     assert overlap["train"] == {"exact": 1, "near": 1, "perceptual_checked": True}
     assert overlap["val"]["exact"] == 1 and overlap["val"]["near"] == 0 and overlap["total"] == 3
     text = describe_overlap(overlap)
-    assert "3 of 4 images are not held out" in text and "used to choose the threshold" in text
+    assert "3 of 4 images are not held out" in text and "the run chose its epoch, temperature and any threshold on" in text
     clean = find_overlap(_split(), ["z"], ["0f0f0f0f0f0f0f0f"])
     assert clean["total"] == 0 and describe_overlap(clean).startswith("no overlap")
     assert not find_overlap(None, ["a"], ["0"])["checked"]
@@ -33,7 +33,7 @@ def test_evaluate_on_the_runs_own_images_says_so_and_strict_refuses(tiny_run, ti
     metrics = xferlearn.evaluate(tiny_run, tiny_data, out=tmp_path / "e", gallery=False, n_boot=20)
     overlap = metrics["overlap"]
     assert overlap["total"] == metrics["n"] and overlap["val"]["exact"] > 0 and overlap["train"]["exact"] > 0
-    assert "used to choose the threshold" in overlap["summary"]
+    assert "the run chose its epoch, temperature and any threshold on" in overlap["summary"]
     assert "not held out" in (tmp_path / "e" / "report.md").read_text()
     with pytest.raises(XferlearnError, match="--strict"):
         xferlearn.evaluate(tiny_run, tiny_data, out=tmp_path / "s", gallery=False, n_boot=20, strict=True)

@@ -23,6 +23,8 @@ def test_small_data_is_cross_fitted_then_refitted_on_every_image(tmp_path, capsy
     result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**TINY, "cv": None})
     log = _said(capsys)
     assert "5-fold cross-fitting" in log and "patient" not in log
+    assert "threshold" in log and "for bees, the class sensitivity refers to" in log  # the second class, named
+    assert "These cross-validated figures are in-distribution: 24 images" in log  # out of fold: every image
     checkpoint = load_checkpoint(result.run_dir)
     point = checkpoint.operating_point
     assert point.data == "out-of-fold predictions (5-fold cross-fitting)" and point.n == 24

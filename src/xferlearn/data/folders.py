@@ -128,7 +128,7 @@ def find_layout(root: str | Path, val: str | Path | None = None) -> Layout:
     if len(classes) < 2:
         raise XferlearnError(f"{train_roots[0]} has a single class folder ({classes[0]}): a classifier needs at least two.")
     for other in [r for r in (val_root, test_root) if r]:
-        check_same_classes(classes, class_folders(other), other)
+        check_same_classes(classes, class_folders(other), other, f"{train_roots[0]} has")
     return Layout(train_roots, test_root, classes, val_root)
 
 
@@ -183,11 +183,12 @@ def check_outside(out: str | Path, roots) -> None:
                                  "of their own; choose a folder outside it.")
 
 
-def check_same_classes(expected: list[str], found: list[str], where: Path | str) -> None:
+def check_same_classes(expected: list[str], found: list[str], where: Path | str,
+                       expected_from: str = "the model knows") -> None:
     if list(found) != list(expected):
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         raise XferlearnError(
-            f"{where} has classes {found}, but the model knows {expected}"
+            f"{where} has classes {found}, but {expected_from} {expected}"
             + (f" (missing: {missing})" if missing else "") + (f" (unknown: {extra})" if extra else "") + ".")
 
 

@@ -55,13 +55,14 @@ def describe_overlap(overlap: dict) -> str:
     parts = []
     train, val = overlap["train"], overlap["val"]
     if train["exact"] + train["near"]:
-        what = "trained on, and their out-of-fold predictions chose the threshold" if overlap["cross_fitted"] \
-            else "trained on"
+        what = ("trained on, and their out-of-fold predictions chose the epochs, temperature and any threshold"
+                if overlap["cross_fitted"] else "trained on")
         parts.append(f"{train['exact'] + train['near']} were {what} ({train['exact']} identical, "
                      f"{train['near']} near copies)")
     if val["exact"] + val["near"]:
         parts.append(f"{val['exact'] + val['near']} are the run's validation images ({val['exact']} identical, "
-                     f"{val['near']} near copies): these were used to choose the threshold")
+                     f"{val['near']} near copies): the run chose its epoch, temperature and any threshold on "
+                     "them")
     return (f"OVERLAP: {overlap['total']} of {overlap['n']} images are not held out: " + "; ".join(parts)
             + ". These figures are not a held-out estimate.")
 

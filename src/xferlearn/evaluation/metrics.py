@@ -58,13 +58,15 @@ def named_positive_index(classes: list[str], name: str | None) -> int | None:
     return matches[0]
 
 
-def decision_rule(threshold: float | None, source: str) -> str:
-    """How a run decides, for a log line: "threshold 0.2903 (SOURCE)", or, with more than two
-    classes, the most probable class, whose sensitivity and specificity are means over classes."""
+def decision_rule(threshold: float | None, source: str, positive: str | None = None) -> str:
+    """How a run decides, for a log line: "threshold 0.2903 for bees, the class sensitivity
+    refers to (SOURCE)", or, with more than two classes, the most probable class, whose
+    sensitivity and specificity are means over classes."""
     if threshold is None:
         return ("the most probable class (no threshold: multi-class; sensitivity and specificity "
                 "are means over the classes, each against the rest)")
-    return f"threshold {threshold:.4f} ({source})"
+    named = f" for {positive}, the class sensitivity refers to" if positive else ""
+    return f"threshold {threshold:.4f}{named} ({source})"
 
 
 def compute_metrics(y_true, probs, classes, threshold: float | None,
@@ -171,7 +173,7 @@ def bootstrap_intervals(y_true, probs, classes, threshold, n_boot: int = 1000, s
     classes = [str(name) for name in classes]
     y, p = _labels_and_probs(y_true, probs, classes)
     if int(n_boot) < 1:
-        raise XferlearnError(f"n_boot must be at least 1, got {n_boot}")
+        raise XferlearnError(f"the bootstrap needs at least 1 resample (--bootstrap), not {n_boot}.")
     if not 0.0 < float(level) < 1.0:
         raise XferlearnError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)

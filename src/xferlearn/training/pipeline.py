@@ -244,12 +244,13 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     console.print(f"{'Cross-validated' if folds else 'Validation'} (n {metrics['n']}, 95% intervals): "
                   + ", ".join(f"{name} {figure(metrics, name)}" for name in ("auc", "accuracy", "sensitivity",
                                                                             "specificity"))
-                  + f" at {decision_rule(threshold, source)}. {seconds:.0f} s. Checkpoint: {path}", highlight=False)
+                  + f" at {decision_rule(threshold, source, checkpoint.positive_class)}. {seconds:.0f} s. Checkpoint: "
+                  f"{path}", highlight=False)
     # A cross-fitted run's final model trained on every image: none is left apart to stress.
     stress = (f"`xferlearn stress {run.root} DATA` (DATA: labelled images it was not trained on)" if folds
               else f"`xferlearn stress {run.root} --split val`")
     console.print(f"These {'cross-validated' if folds else 'validation'} figures are in-distribution: "
-                  f"{len(val_idx)} images from {config.data}, the same source as the training images. They "
+                  f"{metrics['n']} images from {config.data}, the same source as the training images. They "
                   f"cannot show how the model holds up on other sites or devices: run {stress} for "
                   "acquisition-like shifts, and evaluate on labelled images from elsewhere.", highlight=False)
     return TrainResult(run.root, path, metrics, seconds)
