@@ -254,6 +254,15 @@ class TrainConfig:
                             STRATEGIES)
 
     def __post_init__(self):
+        for f in fields(self):  # the Python API's values of a wrong type get the CLI's one-line errors too
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if isinstance(value, Path) and "str" in kinds:
+                setattr(self, f.name, value := str(value))
+            plain = not isinstance(value, bool)
+            fits = {"None": value is None, "str": isinstance(value, str), "bool": not plain,
+                    "int": plain and isinstance(value, int), "float": plain and isinstance(value, (int, float))}
+            if not any(fits.get(kind, True) for kind in kinds):
+                raise XferlearnError(f"--{f.name.replace('_', '-')} takes {' or '.join(kinds)}, not {value!r}.")
         self.validate()
 
     def validate(self) -> None:
@@ -353,8 +362,7 @@ class TrainConfig:
 
     def val_group_list(self) -> list[str] | None:
         """--val-groups as a list of names (None where not given)."""
-        names = [name.strip() for name in str(self.val_groups or "").split(",") if name.strip()]
-        return names or None
+        return [name.strip() for name in str(self.val_groups or "").split(",") if name.strip()] or None
 
     def stage_depths(self) -> list[int | None]:
         """--stages as numbers of layer groups below the head, one per stage; None: all of them."""
@@ -381,9 +389,8 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_dict(cls, values: dict) -> "TrainConfig":  # keys of another version's fields are left out
+        return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())

@@ -21,10 +21,12 @@ Every command finds its files through `RunDir`; none spells a file name itself.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._io import read_csv_rows, write_csv_rows
+from .errors import XferlearnError
 
 CHECKPOINT = "model.pt"
 
@@ -34,12 +36,12 @@ class RunDir:
     root: Path
 
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "root", as_path(root))
 
     @classmethod
     def of(cls, run_or_checkpoint: str | Path) -> "RunDir":
         """The run folder of a run folder, or of a checkpoint file given directly."""
-        path = Path(run_or_checkpoint)
+        path = as_path(run_or_checkpoint)
         return cls(path.parent if path.is_file() or path.suffix == ".pt" else path)
 
     @property
@@ -116,9 +118,16 @@ class RunDir:
         return self.root / "stages" / f"{name}.pt"
 
 
+def as_path(value, what: str = "a run") -> Path:
+    """A path given as str or Path; anything else is one line, not a TypeError from deep inside."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise XferlearnError(f"{what} is a folder or file path (str or Path), not {type(value).__name__} {value!r}.")
+    return Path(value)
+
+
 def checkpoint_path(run: str | Path) -> Path:
     """A run folder's checkpoint, or the checkpoint file itself when given one."""
-    run = Path(run)
+    run = as_path(run)
     return run / CHECKPOINT if run.is_dir() else run
 
 

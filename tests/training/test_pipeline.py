@@ -111,6 +111,21 @@ def test_an_output_folder_inside_the_images_is_refused_before_anything_is_writte
     assert sorted(p.name for p in data.iterdir()) == ["NORMAL", "PNEUMONIA"]  # nothing left in the data
 
 
+def test_the_python_api_gives_one_line_errors_for_values_of_a_wrong_type(tiny_run, tmp_path):
+    for call, message in [
+            (lambda: xferlearn.train(data="d", out=str(tmp_path / "r"), epochs="five"), "--epochs takes int, not 'five'"),
+            (lambda: TrainConfig(data="d", backbone=["resnet18"]), "--backbone takes str or None"),
+            (lambda: xferlearn.load(5), "a run is a folder or file path"),
+            (lambda: xferlearn.evaluate(tiny_run, None), "DATA is a folder or file path")]:
+        with pytest.raises(XferlearnError, match=message):
+            call()
+    assert TrainConfig(data=tmp_path, out=tmp_path / "r").out == str(tmp_path / "r")  # a Path is a path
+    arrays = [np.zeros((64, 64), np.uint8), np.random.default_rng(0).random((64, 64, 3)), np.zeros((3, 64, 64))]
+    rows = xferlearn.load(tiny_run).predict(arrays)  # grayscale uint8, colour floats in [0, 1], channels first
+    assert rows[0]["class"] and rows[1]["class"] and rows[2]["class"] is None
+    assert "channels last" in rows[2]["error"]
+
+
 def test_a_threshold_rule_on_three_classes_is_refused(tmp_path):
     data = make_folder(tmp_path / "d", classes=("cat", "dog", "fox"), per_class=2)
     with pytest.raises(XferlearnError, match="--threshold target_sensitivity applies to two classes; these data have 3"):

@@ -22,7 +22,7 @@ from ..data.folders import (ImageDataset, check_outside, check_same_classes, cla
 from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
-from ..rundir import RunDir, checkpoint_path
+from ..rundir import RunDir, as_path, checkpoint_path
 from ..data.phash import hashes
 from .leaks import describe_overlap, find_overlap, load_split, refuse_overlap
 from .metrics import bootstrap_intervals, compute_metrics
@@ -97,7 +97,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, *
 def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision, gallery, tta, prevalence,
               strict) -> dict:
     predictor = load_predictor(run, precision=precision, tta=tta, prevalence=prevalence)
-    root = evaluation_root(Path(data), predictor.classes)
+    root = evaluation_root(as_path(data, "DATA"), predictor.classes)
     if out is not None:
         check_outside(out, [root])
     pre = predictor.preprocessing

@@ -36,7 +36,7 @@ from ..data.folders import check_outside, is_cross_fitted, scan
 from ..data.images import DecodeCache, UnreadableImage
 from ..errors import XferlearnError
 from ..models.checkpoint import load_checkpoint
-from ..rundir import RunDir
+from ..rundir import RunDir, as_path
 from .corruptions import PARAMETERS, check_choices, corrupt_batch
 from .evaluate import evaluation_root
 from .metrics import compute_metrics
@@ -66,7 +66,7 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     pre = checkpoint.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
     if out is not None and data is not None:
-        check_outside(out, [evaluation_root(Path(data), checkpoint.classes)])
+        check_outside(out, [evaluation_root(as_path(data, "DATA"), checkpoint.classes)])
     paths, digests, labels, source = _images(run, data, split, checkpoint.classes, cache)
     paths, digests, labels = _limit(paths, digests, labels, limit, len(checkpoint.classes), seed)
     started = time.perf_counter()
@@ -124,7 +124,7 @@ def _images(run: Path, data, split, classes: list[str], cache: DecodeCache):
         return ([item["path"] for item in val], [item["digest"] for item in val],
                 np.array([item["label"] for item in val], dtype=np.int64),
                 f"validation split of the run ({len(val)} images listed in split.json: {record.get('how', '')})")
-    root = evaluation_root(Path(data), classes)
+    root = evaluation_root(as_path(data, "DATA"), classes)
     manifest = scan(root, cache, classes=classes, dedupe=False)
     return manifest.paths, manifest.digests, manifest.labels, str(root.resolve())
 

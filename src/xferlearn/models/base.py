@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..data.contrast import equalize
 from ..data.images import Preprocessing, UnreadableImage, decode, decode_file
+from ..errors import XferlearnError
 
 
 def usable_cores() -> int:
@@ -59,6 +60,20 @@ def run_fixed(session, input_name: str, output_name: str, pixels: np.ndarray, ba
     return np.concatenate(outputs)
 
 
+def array_image(array: np.ndarray) -> Image.Image:
+    """An image as an array: H x W (grayscale) or H x W x 1, 3 or 4 (channels last), uint8 or
+    uint16, or floats in [0, 1]; anything else is an unreadable image (its row says why)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    shaped = array.size and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)))
+    if shaped and array.dtype.kind == "f" and np.isfinite(array).all() and 0 <= array.min() <= array.max() <= 1:
+        array = np.round(array * 255).astype(np.uint8)
+    if shaped and (array.dtype == np.uint8 or (array.dtype == np.uint16 and array.ndim == 2)):
+        return Image.fromarray(array)
+    raise UnreadableImage(f"an array image must be H x W or H x W x 1, 3 or 4 (channels last), uint8 (uint16 if "
+                          f"grayscale) or floats in [0, 1]; this one is {array.shape} {array.dtype}")
+
+
 class BasePredictor(ABC):
     """What every engine shares: decoding as training did, the decision rule, result rows and
     streaming. An engine (PyTorch in predictor.py, ONNX Runtime in deploy/onnx_runtime.py) supplies `probabilities`."""
@@ -95,12 +110,12 @@ class BasePredictor(ABC):
         if isinstance(item, (bytes, bytearray)):
             return decode(bytes(item), size, interpolation)
         if isinstance(item, np.ndarray):
-            item = Image.fromarray(item)
+            item = array_image(item)
         if isinstance(item, Image.Image):
             buffer = io.BytesIO()
             item.save(buffer, format="PNG")
             return decode(buffer.getvalue(), size, interpolation)
-        raise TypeError(f"cannot predict on a {type(item).__name__}")
+        raise XferlearnError(f"cannot predict on a {type(item).__name__}: give paths, bytes, PIL images or arrays.")
 
     def row(self, name: str, probs: np.ndarray | None, error: str | None = None) -> dict:
         if probs is None:

@@ -43,7 +43,7 @@ from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..models.ensemble import classifiers
 from ..models.features import image_loader
 from ..models.predictor import Predictor
-from ..rundir import RunDir
+from ..rundir import RunDir, as_path
 
 MIN_PER_CLASS = 20  # below this, a threshold chosen on the sample is mostly noise
 
@@ -111,7 +111,7 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
     if method == "target_sensitivity" and target_sens is None:
         raise XferlearnError("--threshold target_sensitivity needs --target-sensitivity, e.g. 0.95.")
 
-    root = evaluation_root(Path(data), checkpoint.classes)
+    root = evaluation_root(as_path(data, "DATA"), checkpoint.classes)
     pre = checkpoint.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
     manifest = scan(root, cache, classes=checkpoint.classes)
