@@ -146,6 +146,19 @@ def test_validation_folder_is_used_only_when_large_enough():
     assert not use and "NORMAL has 8 images there, fewer than the 20" in why
 
 
+def test_class_names_match_in_either_unicode_form(tmp_path, cache):
+    """A model trained on 'dög café' (composed, NFC) evaluates a folder macOS wrote decomposed (NFD)."""
+    import unicodedata
+
+    composed = ["cat", unicodedata.normalize("NFC", "dög café")]
+    root = make_folder(tmp_path / "nfd", classes=("cat", unicodedata.normalize("NFD", "dög café")), per_class=3,
+                       patients=False)
+    manifest = scan(root, cache, classes=composed, dedupe=False)
+    assert manifest.classes == composed and np.bincount(manifest.labels).tolist() == [3, 3]
+    with pytest.raises(XferlearnError, match="missing"):
+        scan(root, cache, classes=["cat", "dog cafe"])
+
+
 def test_folder_split_and_counts(tmp_path, cache):
     make_folder(tmp_path / "train", per_class=6)
     for label, name in enumerate(("NORMAL", "PNEUMONIA")):  # images unlike train's (other seeds)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,9 +184,19 @@ def check_outside(out: str | Path, roots) -> None:
                                  "of their own; choose a folder outside it.")
 
 
+def _nfc(names) -> list[str]:
+    return [unicodedata.normalize("NFC", name) for name in names]
+
+
+def class_folder(root: Path, name: str) -> str:
+    """The folder of class `name` under `root`, as the file system spells it: macOS writes
+    decomposed Unicode (NFD) where a model trained elsewhere may hold the composed form."""
+    return next((f for f in class_folders(root) if _nfc([f]) == _nfc([name])), name)
+
+
 def check_same_classes(expected: list[str], found: list[str], where: Path | str,
                        expected_from: str = "the model knows") -> None:
-    if list(found) != list(expected):
+    if sorted(_nfc(found)) != sorted(_nfc(expected)):  # the same names, in either Unicode form
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         raise XferlearnError(
             f"{where} has classes {found}, but {expected_from} {expected}"
@@ -233,7 +244,7 @@ def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None
         raise XferlearnError(f"{roots[0]} has no class folders: put each class's images in a subfolder named after it.")
 
     jobs = [(path, label) for root in roots for label, name in enumerate(classes)
-            for path in _list_files(root / name)]
+            for path in _list_files(root / class_folder(root, name))]
 
     def read(job):
         path, label = job
