@@ -35,7 +35,7 @@ import numpy as np
 from ensemble import paired_auc_difference, validation_probabilities  # benchmarks/ensemble.py, beside this file
 
 import xferlearn
-from xferlearn.data.folders import expand_paths
+from xferlearn.data.layout import expand_paths
 from xferlearn.evaluation.metrics import bootstrap_intervals, compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold
 from xferlearn.models.checkpoint import load_checkpoint

@@ -42,7 +42,8 @@ from sklearn.metrics import roc_auc_score
 from ensemble import paired_auc_cell  # benchmarks/ensemble.py, beside this file
 from xferlearn.config import TrainConfig
 from xferlearn.data.contrast import is_grayscale_folder
-from xferlearn.data.folders import find_layout, scan, training_files
+from xferlearn.data.folders import scan
+from xferlearn.data.layout import find_layout, training_files
 from xferlearn.data.images import DecodeCache
 from xferlearn.evaluation.metrics import compute_metrics
 from xferlearn.evaluation.thresholds import choose_threshold

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble import paired_auc_cell  # benchmarks/ensemble.py, beside this file
-from xferlearn.data.folders import expand_paths
+from xferlearn.data.layout import expand_paths
 from xferlearn.deploy import quantize
 from xferlearn.deploy.export import ensure_onnx
 from xferlearn.deploy.onnx_runtime import INPUT_NAME, OnnxPredictor

@@ -24,7 +24,7 @@ from PIL import Image
 from xferlearn._io import content_hash
 from xferlearn.config import STRESS_SHIFTS
 from xferlearn.data.augment import to_tensor
-from xferlearn.data.folders import class_folders, expand_paths
+from xferlearn.data.layout import class_folders, expand_paths
 from xferlearn.data.images import decode
 from xferlearn.evaluation.corruptions import corrupt, seed_for
 from xferlearn.models.checkpoint import load_checkpoint

@@ -33,7 +33,7 @@ from scipy.stats import norm
 from compare_runs import scored  # benchmarks/compare_runs.py, beside this file
 from ensemble import validation_probabilities  # benchmarks/ensemble.py
 
-from xferlearn.data.folders import expand_paths
+from xferlearn.data.layout import expand_paths
 from xferlearn.evaluation.thresholds import choose_threshold
 
 

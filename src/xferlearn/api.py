@@ -88,7 +88,7 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
 
 def predict(run: str | Path, items, engine: str = "auto", **options) -> list[dict]:
     """One row per image (paths, folders, bytes, PIL images or arrays) from a run on `engine`."""
-    from .data.folders import expand_paths
+    from .data.layout import expand_paths
     from .deploy.predict import load_engine
 
     items = items if isinstance(items, (list, tuple)) else [items]

@@ -170,7 +170,7 @@ def add_predict(commands) -> None:
 
 
 def run_predict(args) -> int:
-    from .data.folders import expand_paths
+    from .data.layout import expand_paths
     from .deploy.predict import load_engine, why_not_int8, write_rows
 
     paths = expand_paths(args.paths)

@@ -7,6 +7,7 @@ be rebuilt from its folder alone; the CLI's flags map one to one onto these fiel
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -255,13 +256,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in fields(self):  # the Python API's values of a wrong type get the CLI's one-line errors too
-            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
-            if isinstance(value, Path) and "str" in kinds:
-                setattr(self, f.name, value := str(value))
+            kinds, value = str(f.type).replace(" ", "").split("|"), getattr(self, f.name)
+            # Kept as plain JSON values: a Path as its text, numpy's numbers (a sweep's) as Python's.
+            value = os.fspath(value) if isinstance(value, os.PathLike) else getattr(value, "item", lambda: value)()
+            setattr(self, f.name, value)
             plain = not isinstance(value, bool)
-            fits = {"None": value is None, "str": isinstance(value, str), "bool": not plain,
-                    "int": plain and isinstance(value, int), "float": plain and isinstance(value, (int, float))}
-            if not any(fits.get(kind, True) for kind in kinds):
+            if not any({"None": value is None, "str": isinstance(value, str), "bool": not plain,
+                        "int": plain and isinstance(value, int), "float": plain and isinstance(value, (int, float))
+                        }.get(kind, True) for kind in kinds):
                 raise XferlearnError(f"--{f.name.replace('_', '-')} takes {' or '.join(kinds)}, not {value!r}.")
         self.validate()
 
@@ -341,10 +343,9 @@ class TrainConfig:
     def resolve_backbone(self, grayscale: bool) -> bool:
         """Fill in --backbone left out (validate fills the fine-tune's): the linear recipe's depends on
         whether the images are grayscale (COLOUR_LINEAR_BACKBONE). True where the colour default was chosen so."""
-        if self.backbone is not None:
-            return False
-        self.backbone = DEFAULT_BACKBONE[self.recipe] if grayscale else COLOUR_LINEAR_BACKBONE
-        return not grayscale
+        chosen, self.backbone = self.backbone is None, self.backbone or (
+            DEFAULT_BACKBONE[self.recipe] if grayscale else COLOUR_LINEAR_BACKBONE)
+        return chosen and not grayscale
 
     def resolve_image_size(self, grayscale: bool, packaged: bool) -> bool:
         """Fill in --image-size left out (COLOUR_IMAGE_SIZE): True where it was chosen so. `packaged`:
@@ -356,9 +357,8 @@ class TrainConfig:
 
     def pooling(self, packaged: bool) -> str | None:
         """The pooling to build the network with (None: its own); `packaged` as in resolve_image_size."""
-        if self.pool == "auto":
-            return LINEAR_POOL if self.recipe == "linear" and packaged else None
-        return self.pool
+        auto = LINEAR_POOL if self.recipe == "linear" and packaged else None
+        return auto if self.pool == "auto" else self.pool
 
     def val_group_list(self) -> list[str] | None:
         """--val-groups as a list of names (None where not given)."""

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import make_folder, synthetic_image
 
-from xferlearn.data.folders import (count_images, find_layout, folder_split, patient_id, save_split, scan,
-                                   split_validation, use_validation_folder)
+from xferlearn.data.folders import folder_split, patient_id, save_split, scan, split_validation
+from xferlearn.data.layout import class_folder, count_images, find_layout, use_validation_folder
 from xferlearn.errors import XferlearnError
 from xferlearn.data.images import DecodeCache
 
@@ -155,6 +155,9 @@ def test_class_names_match_in_either_unicode_form(tmp_path, cache):
                        patients=False)
     manifest = scan(root, cache, classes=composed, dedupe=False)
     assert manifest.classes == composed and np.bincount(manifest.labels).tolist() == [3, 3]
+    assert count_images(root, composed) == {"cat": 3, composed[1]: 3}
+    (root / composed[1]).mkdir()  # both forms as folders of their own: each name keeps its own
+    assert class_folder(root, composed[1]) == composed[1]
     with pytest.raises(XferlearnError, match="missing"):
         scan(root, cache, classes=["cat", "dog cafe"])
 
@@ -177,6 +180,9 @@ def test_folder_split_and_counts(tmp_path, cache):
     with pytest.raises(XferlearnError, match=r"leaves training .* and validation \{'NORMAL': 4, 'PNEUMONIA': 4\} "
                                              r".*\(1 of its files are copies of training images"):
         folder_split(manifest, tmp_path / "val", 5)
+    (tmp_path / "val" / "NORMAL" / "copy.jpeg").unlink()  # smaller without copies of train: used as it is
+    fewer = scan([tmp_path / "train", tmp_path / "val"], cache)
+    assert len(folder_split(fewer, tmp_path / "val", 20)[1]) == 8
     itself = scan([tmp_path / "train", tmp_path / "train"], cache)  # --val pointing at the training folder
     with pytest.raises(XferlearnError, match="give a validation folder apart from the training images"):
         folder_split(itself, tmp_path / "train", 4)

@@ -15,7 +15,7 @@ from xferlearn.models.checkpoint import load_checkpoint, save_checkpoint
 from xferlearn.cli import main
 from xferlearn.config import COLOUR_LINEAR_BACKBONE, DEFAULT_BACKBONE, TrainConfig
 from xferlearn.data.contrast import is_grayscale_folder
-from xferlearn.data.folders import find_layout, training_files
+from xferlearn.data.layout import find_layout, training_files
 from xferlearn.errors import XferlearnError
 
 
@@ -120,6 +120,8 @@ def test_the_python_api_gives_one_line_errors_for_values_of_a_wrong_type(tiny_ru
         with pytest.raises(XferlearnError, match=message):
             call()
     assert TrainConfig(data=tmp_path, out=tmp_path / "r").out == str(tmp_path / "r")  # a Path is a path
+    swept = TrainConfig(data="d", epochs=np.int64(5), lr=np.float32(0.5))  # numpy's numbers, as Python's
+    assert (type(swept.epochs), type(swept.lr), swept.lr) == (int, float, 0.5)
     arrays = [np.zeros((64, 64), np.uint8), np.random.default_rng(0).random((64, 64, 3)), np.zeros((3, 64, 64))]
     rows = xferlearn.load(tiny_run).predict(arrays)  # grayscale uint8, colour floats in [0, 1], channels first
     assert rows[0]["class"] and rows[1]["class"] and rows[2]["class"] is None
@@ -428,7 +430,7 @@ def test_cli_and_package_import_lazily():
 
 
 def test_split_seed_holds_the_validation_split_while_the_seed_varies(tmp_path):
-    from xferlearn.data.folders import find_layout
+    from xferlearn.data.layout import find_layout
     from xferlearn.data.images import DecodeCache
     from xferlearn.training.pipeline import split
 

@@ -6,14 +6,13 @@ for every later epoch), and lists what it could not read with the reason. Exact
 duplicates are kept once. `split_validation` then carves validation out of train,
 stratified by class and grouped by patient where file names carry one, so that no patient
 and no duplicate image sits on both sides. A provided validation folder is used as it is
-when it is large enough (`use_validation_folder`).
+when it is large enough (`use_validation_folder`, in layout.py, which finds the folders).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ import numpy as np
 
 from .._io import content_hash, write_json
 from ..errors import XferlearnError
-from .images import IMAGE_EXTENSIONS, DecodeCache, UnreadableImage, progress_bar
+from .images import DecodeCache, UnreadableImage, progress_bar
+from .layout import check_same_classes, class_folder, class_folders, list_files
 from .phash import dhash, remember
 
 # Kaggle chest X-ray names: personN_bacteria_M / personN_virus_M, IM-XXXX-000Y, NORMAL2-IM-XXXX-000Y.
@@ -82,91 +82,20 @@ class Manifest:
         return {name: int((labels == i).sum()) for i, name in enumerate(self.classes)}
 
 
-def class_folders(root: Path) -> list[str]:
-    if not root.is_dir():
-        raise XferlearnError(f"{root} is not a folder.")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-@dataclass
-class Layout:
-    """Where the images are: the class roots for training, a validation folder and a test root if any."""
-    train_roots: list[Path]
-    test_root: Path | None
-    classes: list[str]
-    val_root: Path | None = None
-
-
-# What published datasets call their validation folder: PyTorch's tutorials and Kaggle val/,
-# Roboflow and many Kaggle sets valid/, TensorFlow's cats_and_dogs_filtered validation/.
-VALIDATION_FOLDERS = ("val", "valid", "validation")
-
-
-def find_layout(root: str | Path, val: str | Path | None = None) -> Layout:
-    """A folder of class folders, or a root holding train/ [val/] [test/]; `val` names a
-    validation folder explicitly (else ROOT's val/, valid/ or validation/ where ROOT holds train/).
-    Whether that folder is large enough to validate on is `use_validation_folder`'s call."""
-    root = Path(root)
-    if not root.exists():
-        raise XferlearnError(f"{root} does not exist.")
-    if (root / "train").is_dir():
-        train_roots = [root / "train"]
-        found = [root / name for name in VALIDATION_FOLDERS if (root / name).is_dir()]
-        if len(found) > 1 and val is None:
-            raise XferlearnError(f"{root} holds {' and '.join(p.name + '/' for p in found)}: name the validation "
-                                 "folder with --val.")
-        val_root = found[0] if found else None
-        test_root = root / "test" if (root / "test").is_dir() else None
-    else:
-        train_roots, val_root, test_root = [root], None, None
-    if val is not None:
-        val_root = Path(val)
-        if not val_root.is_dir():
-            raise XferlearnError(f"--val {val_root} is not a folder of class folders.")
-    classes = class_folders(train_roots[0])
-    if not classes:
-        raise XferlearnError(f"{train_roots[0]} has no class folders: put each class's images in a subfolder named after it.")
-    if len(classes) < 2:
-        raise XferlearnError(f"{train_roots[0]} has a single class folder ({classes[0]}): a classifier needs at least two.")
-    for other in [r for r in (val_root, test_root) if r]:
-        check_same_classes(classes, class_folders(other), other, f"{train_roots[0]} has")
-    return Layout(train_roots, test_root, classes, val_root)
-
-
-def training_files(layout: Layout) -> list[Path]:
-    """Every file under the training roots' class folders, in scan order."""
-    return [path for root in layout.train_roots for name in layout.classes for path in _list_files(root / name)]
-
-
-def count_images(root: Path, classes: list[str]) -> dict[str, int]:
-    """Image files per class folder, by extension (cheap: nothing is read)."""
-    return {name: sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in _list_files(root / name)) for name in classes}
-
-
-def use_validation_folder(counts: dict[str, int], minimum: int) -> tuple[bool, str]:
-    """Whether a provided validation folder is the validation split (each class has at least
-    `minimum` images) or is pooled into train (fewer: too few to choose a threshold on), and why."""
-    smallest = min(counts, key=counts.get)
-    if counts[smallest] >= minimum:
-        return True, (f"every class has at least {minimum} images there (smallest: {smallest}, "
-                      f"{counts[smallest]})")
-    return False, (f"{smallest} has {counts[smallest]} images there, fewer than the {minimum} a class needs "
-                   "to choose a threshold on")
-
-
 def folder_split(manifest: Manifest, val_root: Path, minimum: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices of a manifest scanned from train roots and `val_root`: val is what
     lies under `val_root` (an image also in train was kept once, on the train side). Refused
-    when that leaves a class without training images or with fewer than `minimum` validation
-    images: a validation folder that is (partly) the training images would leave nothing apart."""
+    when that leaves a class without training images, or copies of training images leave one
+    with fewer than `minimum` validation images: a validation folder that is (partly) the
+    training images leaves nothing apart. (A file unreadable there only makes it smaller.)"""
     inside = np.array([Path(s.path).is_relative_to(val_root) for s in manifest.samples])
     train_idx, val_idx = np.flatnonzero(~inside), np.flatnonzero(inside)
     count = lambda idx: dict(zip(manifest.classes, np.bincount(manifest.labels[idx],  # noqa: E731
                                                                minlength=len(manifest.classes)).tolist()))
     train_counts, val_counts = count(train_idx), count(val_idx)
-    if min(train_counts.values()) == 0 or min(val_counts.values()) < minimum:
-        dropped = sum(Path(path).is_relative_to(val_root) and not Path(kept).is_relative_to(val_root)
-                      for path, kept in manifest.duplicates)
+    dropped = sum(Path(path).is_relative_to(val_root) and not Path(kept).is_relative_to(val_root)
+                  for path, kept in manifest.duplicates)
+    if min(train_counts.values()) == 0 or (dropped and min(val_counts.values()) < minimum):
         raise XferlearnError(f"{val_root} leaves training {train_counts} and validation {val_counts} images per class "
                              f"({dropped} of its files are copies of training images, kept on the training side; "
                              f"validation needs {minimum} a class): give a validation folder apart from the training "
@@ -174,56 +103,7 @@ def folder_split(manifest: Manifest, val_root: Path, minimum: int) -> tuple[np.n
     return train_idx, val_idx
 
 
-def check_outside(out: str | Path, roots) -> None:
-    """One line when an output folder would lie inside folders of images that get scanned: its
-    files would be read as a class of their own (or as images of one) the next time."""
-    target = Path(out).resolve()
-    for root in roots:
-        if root is not None and target.is_relative_to(Path(root).resolve()):
-            raise XferlearnError(f"--out {out} lies inside the images in {root}: its files would be read as a class "
-                                 "of their own; choose a folder outside it.")
-
-
-def _nfc(names) -> list[str]:
-    return [unicodedata.normalize("NFC", name) for name in names]
-
-
-def class_folder(root: Path, name: str) -> str:
-    """The folder of class `name` under `root`, as the file system spells it: macOS writes
-    decomposed Unicode (NFD) where a model trained elsewhere may hold the composed form."""
-    return next((f for f in class_folders(root) if _nfc([f]) == _nfc([name])), name)
-
-
-def check_same_classes(expected: list[str], found: list[str], where: Path | str,
-                       expected_from: str = "the model knows") -> None:
-    if sorted(_nfc(found)) != sorted(_nfc(expected)):  # the same names, in either Unicode form
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        raise XferlearnError(
-            f"{where} has classes {found}, but {expected_from} {expected}"
-            + (f" (missing: {missing})" if missing else "") + (f" (unknown: {extra})" if extra else "") + ".")
-
-
-def expand_paths(inputs) -> list[Path]:
-    """Files as given, folders walked for image files (sorted, so output order is stable)."""
-    paths: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if _is_file_or_dangling(p)
-                            and p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            paths.append(item)
-    return paths
-
-
-def _is_file_or_dangling(path: Path) -> bool:
-    """A file, or a link that leads nowhere (a loop, a missing target): listed, so that reading it
-    reports it as unreadable rather than it vanishing without a word."""
-    return path.is_file() or (path.is_symlink() and not path.exists())
-
-
-def _list_files(class_root: Path) -> list[Path]:
-    return sorted(p for p in class_root.rglob("*") if _is_file_or_dangling(p))
+VALIDATION_FOLDER = "the validation folder"  # how a split from a provided folder is described
 
 
 def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None = None,
@@ -244,7 +124,7 @@ def scan(roots: str | Path | list, cache: DecodeCache, classes: list[str] | None
         raise XferlearnError(f"{roots[0]} has no class folders: put each class's images in a subfolder named after it.")
 
     jobs = [(path, label) for root in roots for label, name in enumerate(classes)
-            for path in _list_files(root / class_folder(root, name))]
+            for path in list_files(root / class_folder(root, name))]
 
     def read(job):
         path, label = job
@@ -339,6 +219,11 @@ def split_validation(manifest: Manifest, val_fraction: float = 0.2, seed: int = 
     how = (f"stratified by class, {grouping(manifest)}, 1/{n_splits} held out, seed {seed}; exact duplicates "
            "removed before splitting")
     return np.sort(train_idx), np.sort(val_idx), how
+
+
+def from_validation_folder(how: str) -> bool:
+    """Whether a split's description (`how`, as saved in split.json) is a provided validation folder's."""
+    return how.startswith(VALIDATION_FOLDER)
 
 
 def save_split(path: Path, manifest: Manifest, train_idx, val_idx, how: str, phashes: list[str] | None = None) -> None:

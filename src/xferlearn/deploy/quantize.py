@@ -39,7 +39,7 @@ import numpy as np
 
 from .._io import file_sha256, os_error, read_json, write_json
 from ..config import MIN_VAL_PER_CLASS, THRESHOLDS
-from ..data.folders import expand_paths
+from ..data.layout import expand_paths
 from ..data.contrast import equalize
 from ..data.images import Preprocessing, UnreadableImage, decode_file
 from ..errors import XferlearnError
@@ -199,7 +199,7 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
     and it orders each class's validation images as the fp32 export does (`RANK_FLOOR`)."""
     checkpoint = load_checkpoint(run)
     training_point = checkpoint.operating_point
-    if training_point.when == "calibrate":
+    if training_point.when == "calibrate" and training_point.value is not None:
         # Its threshold was chosen on the site sample through the fp32 network; an int8 model would
         # need its own, chosen on that sample, which the run does not keep. Not built.
         raise XferlearnError("int8 export of a site-calibrated run is not built: its threshold was chosen on the "
@@ -231,8 +231,10 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         p32, p8 = _probabilities(fp32, val_images), _probabilities(int8, val_images)
         classes = checkpoint.classes
         # The run's own rule, on the int8 model's validation probabilities.
-        method = training_point.method if training_point.method in THRESHOLDS else "youden"
-        point = choose_operating_point(val_y, p8, checkpoint.positive_index, method, training_point.target,
+        method, target = training_point.method, training_point.target
+        if method not in THRESHOLDS:  # an older checkpoint's recorded point: the rule its config names
+            method, target = checkpoint.config.get("threshold", "youden"), checkpoint.config.get("target_sensitivity")
+        point = choose_operating_point(val_y, p8, checkpoint.positive_index, method, target,
                                        data="validation split",
                                        n=len(val_y), when="export", engine="int8",
                                        tta_views=training_point.tta_views)

@@ -226,7 +226,7 @@ class _Service:
 
     def threshold_source(self) -> str:
         """Where the engine's threshold came from: the int8 model has its own, chosen at export."""
-        return getattr(self.predictor, "threshold_source", "") or self.checkpoint.threshold_source
+        return self.predictor.threshold_source
 
     def card(self) -> dict:
         card = without_paths(plain(self.checkpoint.card()))

@@ -17,8 +17,8 @@ import torch
 
 from .._io import read_json
 from ..errors import XferlearnError
-from ..data.folders import (ImageDataset, check_outside, check_same_classes, class_folders, is_cross_fitted,
-                            scan)
+from ..data.folders import ImageDataset, from_validation_folder, is_cross_fitted, scan
+from ..data.layout import check_outside, check_same_classes, class_folders
 from ..data.images import DecodeCache, progress_bar
 from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
@@ -61,9 +61,11 @@ def validation_section(rundir: RunDir, point) -> str:
     split = read_json(rundir.split)
     split = split if isinstance(split, dict) else {}
     how, n = split.get("how", "not recorded"), len(split.get("val") or [])
-    if is_cross_fitted(split):
+    if not split:
+        where = "not recorded (the run has no split.json)"
+    elif is_cross_fitted(split):
         where = f"out-of-fold predictions of the training images themselves ({how})"
-    elif how.startswith("the validation folder"):
+    elif from_validation_folder(how):
         where = f"{n} images of {how}"
     else:
         where = f"{n} images carved from the training folder ({how})"

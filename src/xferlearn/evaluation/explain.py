@@ -31,7 +31,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from .._io import atomic_write
 from ..data.augment import to_tensor
-from ..data.folders import expand_paths
+from ..data.layout import expand_paths
 from ..data.images import UnreadableImage
 from ..errors import XferlearnError
 from ..models.ensemble import Ensemble

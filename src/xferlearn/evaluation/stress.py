@@ -32,7 +32,8 @@ import torch
 
 from .._io import read_json
 from ..data.contrast import equalize_tensor
-from ..data.folders import check_outside, is_cross_fitted, scan
+from ..data.folders import is_cross_fitted, scan
+from ..data.layout import check_outside
 from ..data.images import DecodeCache, UnreadableImage
 from ..errors import XferlearnError
 from ..models.checkpoint import load_checkpoint
@@ -65,9 +66,10 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
         predictor = Predictor(checkpoint, precision=precision)
     pre = checkpoint.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
-    if out is not None and data is not None:
-        check_outside(out, [evaluation_root(as_path(data, "DATA"), checkpoint.classes)])
-    paths, digests, labels, source = _images(run, data, split, checkpoint.classes, cache)
+    root = None if data is None else evaluation_root(as_path(data, "DATA"), checkpoint.classes)
+    if out is not None and root is not None:
+        check_outside(out, [root])
+    paths, digests, labels, source = _images(run, root, split, checkpoint.classes, cache)
     paths, digests, labels = _limit(paths, digests, labels, limit, len(checkpoint.classes), seed)
     started = time.perf_counter()
     total = len(paths) * (1 + len(shifts) * len(severities))
@@ -76,7 +78,7 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
         clean = shifted_probabilities(predictor, images, digests, "clean", 0, batch_size, advance)
         # The engine's own threshold and its source: an int8 model decides at the one chosen for it.
         threshold = predictor.threshold
-        rule = getattr(predictor, "threshold_source", None) or checkpoint.threshold_source
+        rule = predictor.threshold_source
         positive = checkpoint.positive_index
         base = compute_metrics(labels, clean, checkpoint.classes, threshold, rule, positive)
         rows = []
@@ -99,9 +101,10 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     return record
 
 
-def _images(run: Path, data, split, classes: list[str], cache: DecodeCache):
-    """(paths, digests, labels, description) of the images to stress."""
-    if (data is None) == (split is None):
+def _images(run: Path, root: Path | None, split, classes: list[str], cache: DecodeCache):
+    """(paths, digests, labels, description) of the images to stress: those of `root`, a folder
+    of class folders (evaluation_root), or with `split="val"` the run's validation images."""
+    if (root is None) == (split is None):
         raise XferlearnError("give either DATA (a folder of class folders) or --split val (the run's own "
                              "validation images), not both or neither.")
     if split is not None:
@@ -124,7 +127,6 @@ def _images(run: Path, data, split, classes: list[str], cache: DecodeCache):
         return ([item["path"] for item in val], [item["digest"] for item in val],
                 np.array([item["label"] for item in val], dtype=np.int64),
                 f"validation split of the run ({len(val)} images listed in split.json: {record.get('how', '')})")
-    root = evaluation_root(as_path(data, "DATA"), classes)
     manifest = scan(root, cache, classes=classes, dedupe=False)
     return manifest.paths, manifest.digests, manifest.labels, str(root.resolve())
 

@@ -26,8 +26,9 @@ import numpy as np
 from .._io import file_sha256, os_error, write_json
 from ..config import TrainConfig
 from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
-from ..data.folders import (Manifest, check_outside, count_images, find_layout, folder_split, grouping, save_split,
-                            scan, split_validation, training_files, use_validation_folder)
+from ..data.folders import (VALIDATION_FOLDER, Manifest, folder_split, from_validation_folder, grouping, save_split,
+                            scan, split_validation)
+from ..data.layout import check_outside, count_images, find_layout, training_files, use_validation_folder
 from ..data.phash import hashes
 from ..data.contrast import is_grayscale_folder, resolve_contrast
 from ..data.images import DecodeCache
@@ -109,7 +110,7 @@ def split(config: TrainConfig, layout, cache: DecodeCache):
         console.print(f"  unreadable: {path}: {reason}", highlight=False)
     if use_folder:
         train_idx, val_idx = folder_split(manifest, layout.val_root, MIN_VAL_PER_CLASS)
-        how = f"the validation folder {layout.val_root}: {why}"
+        how = f"{VALIDATION_FOLDER} {layout.val_root}: {why}"
         console.print(f"Validation: {layout.val_root} ({len(val_idx)} images), as {why}.", highlight=False)
         patients = [{manifest.samples[i].patient for i in side} - {None} for side in (train_idx, val_idx)]
         if shared := sorted(patients[0] & patients[1]):  # the folder is the user's split: said, not changed
@@ -164,7 +165,7 @@ def train_here(config: TrainConfig) -> TrainResult:
     console.quiet = console.quiet or not is_rank_zero()
     L.seed_everything(config.seed, verbose=False)
     layout = find_layout(config.data, config.val)
-    check_outside(config.out, [*layout.train_roots, layout.val_root])
+    check_outside(config.out, [config.data, *layout.train_roots, layout.val_root])
     positive = named_positive_index(layout.classes, config.positive_class)
     if positive is None and config.threshold != "youden":
         raise XferlearnError(f"--threshold {config.threshold} applies to two classes; these data have "
@@ -227,7 +228,7 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
          val_probs) = crossfit_operating_point(oof_logits, manifest, positive, config, folds)
         val_idx = train_idx  # every image's out-of-fold prediction
     else:
-        where = "validation folder" if how.startswith("the validation folder") else "validation split"
+        where = "validation folder" if from_validation_folder(how) else "validation split"
         val_probs = calibrate(checkpoint, manifest, val_idx, cache, config, val_logits, where)
         checkpoint.metrics["intervals"] = bootstrap_intervals(manifest.labels[val_idx], val_probs, manifest.classes,
                                                               checkpoint.threshold, positive=positive)
