@@ -41,7 +41,8 @@ def test_demo_end_to_end_leaves_a_run_that_predict_and_serve_use(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"AUC {metrics['auc']:.3f}" in out
     assert f"sensitivity {metrics['sensitivity']:.3f}" in out and f"specificity {metrics['specificity']:.3f}" in out
-    assert f"threshold {metrics['threshold']:.4f} ({metrics['threshold_source']})" in out
+    assert f"threshold {metrics['threshold']:.4f} for PNEUMONIA, the class sensitivity refers to " \
+           f"({metrics['threshold_source']})" in out
     assert "in-distribution" in out and "cannot show shift" in out
     assert "xferlearn serve" in out and "xferlearn train path/to/your_images" in out
 

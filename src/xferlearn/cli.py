@@ -174,12 +174,12 @@ def run_predict(args) -> int:
     from .deploy.predict import load_engine, why_not_int8, write_rows
 
     paths = expand_paths(args.paths)
-    if not paths:  # as explain says: an empty CSV and exit 0 would pass for a clean result
-        raise XferlearnError("No image files found in the paths given.")
     size = batch_size(args)
     predictor = load_engine(args.run, args.engine, precision=args.precision, compile=args.compile,
                             n_images=len(paths), batch_size=size, tta=args.tta,
                             prevalence=args.prevalence)
+    if not paths:  # as explain says: an empty CSV and exit 0 would pass for a clean result
+        raise XferlearnError("No image files found in the paths given.")
     if args.engine == "auto":
         why = why_not_int8(args.run) if predictor.engine != "onnx-int8" else ""
         print(f"xferlearn: engine {predictor.engine} (auto{'; ' + why if why else ''})", file=sys.stderr)

@@ -144,16 +144,20 @@ def test_int8_refused_when_it_reorders_a_class(tiny_run, tiny_data, tmp_path, mo
     # Why int8 is not the default is kept with the export, and `predict` says it in one line.
     assert card["int8_refused"]["checkpoint_sha256"] == card["checkpoint_sha256"]
     assert main(["predict", str(run), str(tiny_data / "NORMAL")]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("xferlearn: engine onnx (auto; int8 refused by its check for this "
+    err = capsys.readouterr().err.strip().splitlines()  # the engine, then the threshold and its source
+    assert len(err) == 2 and err[0].startswith("xferlearn: engine onnx (auto; int8 refused by its check for this "
                                                "model: it reorders the validation images within a class")
+    assert "at training time" in err[1]
     # Once the check passes, the refusal is gone with it.
     monkeypatch.setattr(quantize, "RANK_FLOOR", 0.0)
     assert main(["export", str(run), "--format", "onnx-int8"]) == 0
     assert "int8_refused" not in json.loads((run / "export" / "model.json").read_text())
     capsys.readouterr()
     assert main(["predict", str(run), str(tiny_data / "NORMAL")]) == 0
-    assert capsys.readouterr().err.strip() == "xferlearn: engine onnx-int8 (auto)"
+    engine, threshold = capsys.readouterr().err.strip().splitlines()
+    int8 = json.loads((run / "export" / "model.json").read_text())["int8"]
+    assert engine == "xferlearn: engine onnx-int8 (auto)" and f"{int8['threshold']:.4g} (" in threshold
+    assert f"({int8['threshold_source']})" in threshold  # int8's own threshold, chosen at export
 
 
 def test_an_int8_model_checked_on_auc_alone_is_not_used_by_default(int8_run, tmp_path):

@@ -231,10 +231,11 @@ def export_int8(run: str | Path, folder: Path, calibration: str | Path | None = 
         p32, p8 = _probabilities(fp32, val_images), _probabilities(int8, val_images)
         classes = checkpoint.classes
         # The run's own rule, on the int8 model's validation probabilities.
-        method, target = training_point.method, training_point.target
+        method, sensitivity = training_point.method, training_point.target
         if method not in THRESHOLDS:  # an older checkpoint's recorded point: the rule its config names
-            method, target = checkpoint.config.get("threshold", "youden"), checkpoint.config.get("target_sensitivity")
-        point = choose_operating_point(val_y, p8, checkpoint.positive_index, method, target,
+            method = checkpoint.config.get("threshold", "youden")
+            sensitivity = checkpoint.config.get("target_sensitivity")
+        point = choose_operating_point(val_y, p8, checkpoint.positive_index, method, sensitivity,
                                        data="validation split",
                                        n=len(val_y), when="export", engine="int8",
                                        tta_views=training_point.tta_views)
