@@ -375,3 +375,13 @@ def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_pa
     assert TrainConfig(data="x", stages="4, 9, all").stage_depths() == [4, 9, None]
     assert main(["train", str(tmp_path), "--recipe", "finetune", "--stages", "9,4"]) == 2
     assert "more layers" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_training_images_is_cut_to_them(tmp_path):
+    """16 training images and --finetune-batch-size 64: one batch of 16 a step, not a one-cycle of
+    zero steps (OneCycleLR's ValueError)."""
+    data = make_folder(tmp_path / "d", per_class=10)
+    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**FINETUNE, "stages": "1",
+                                                                        "finetune_epochs": 1, "finetune_batch_size": 64})
+    stage = [s for s in result.metrics["selection"]["stages"] if s["stage"] == "stage1"]
+    assert stage and stage[0]["epochs"] == 1

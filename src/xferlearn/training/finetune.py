@@ -66,7 +66,7 @@ from ..models.ensemble import Ensemble, Member
 from ..models.inference import normalize, resolve_precision
 from ..models.frozen_prefix import FrozenPrefix, frozen_prefix
 from ..models.onnx_forward import OnnxForward, OnnxUnavailable, feature_engine, onnx_or_none
-from .distributed import barrier, device, is_rank_zero, per_process_batch, trainer_options
+from .distributed import barrier, device, is_rank_zero, per_process_batch, size, trainer_options
 from ..rundir import RunDir, read_history, write_history
 from .checkpoints import IDENTITY_KEY, load_resumable, stored_identity
 from .linear import fit_head, per_member
@@ -283,8 +283,11 @@ def finetune_network(model: torch.nn.Module, manifest: Manifest, train_idx, val_
     labels = manifest.labels
     pick = manifest.take
     workers = default_workers(config.devices) if config.workers is None else config.workers
+    # At most a process's share of the training images: batches are full ones only, and a batch
+    # larger than the images would give no step at all.
+    batch = min(per_process_batch(config.finetune_batch_size), max(2, len(train_idx) // size()))
     loader = train_loader(RandomViews(*pick(train_idx), cache, train_transform(config.augment)), labels[train_idx],
-                          config, len(manifest.classes), batch_size=per_process_batch(config.finetune_batch_size),
+                          config, len(manifest.classes), batch_size=batch,
                           num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                           pin_memory=device(config).type == "cuda")
     val_loader = image_loader(ImageDataset(*pick(val_idx), cache), config.batch_size_features, workers)
