@@ -377,11 +377,16 @@ def test_recipe_picks_its_augmentation_and_tta_and_cli_reports_bad_stages(tmp_pa
     assert "more layers" in capsys.readouterr().err
 
 
-def test_a_batch_larger_than_the_training_images_is_cut_to_them(tmp_path):
+def test_a_batch_larger_than_the_training_images_is_cut_to_them(tmp_path, capsys):
     """16 training images and --finetune-batch-size 64: one batch of 16 a step, not a one-cycle of
-    zero steps (OneCycleLR's ValueError)."""
+    zero steps (OneCycleLR's ValueError). Resumed with more epochs, the finished stage says it is kept."""
     data = make_folder(tmp_path / "d", per_class=10)
-    result = xferlearn.train(data=str(data), out=str(tmp_path / "r"), **{**FINETUNE, "stages": "1",
-                                                                        "finetune_epochs": 1, "finetune_batch_size": 64})
+    options = dict(data=str(data), out=str(tmp_path / "r"), **{**FINETUNE, "stages": "1", "finetune_batch_size": 64})
+    options.pop("finetune_epochs")
+    result = xferlearn.train(**options, finetune_epochs=1)
     stage = [s for s in result.metrics["selection"]["stages"] if s["stage"] == "stage1"]
     assert stage and stage[0]["epochs"] == 1
+    capsys.readouterr()
+    xferlearn.train(**options, finetune_epochs=2, resume=True)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "stage stage1 was done" in said and "ran 1 epochs and is kept as it is: --finetune-epochs 2" in said

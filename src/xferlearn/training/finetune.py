@@ -245,7 +245,11 @@ def resume_stage(path: Path, model: torch.nn.Module, config: TrainConfig) -> dic
     stored = load_resumable(path, stored_identity(path.parent.parent), "finished stage")
     model.load_state_dict(stored["state_dict"])
     record = stored["record"]
-    console.print(f"Resuming: stage {record['stage']} was done (validation AUC {record['val_auc']:.4f}).")
+    wanted, flag = (config.epochs, "--epochs") if record.get("depth") == 0 else (config.finetune_epochs,
+                                                                                 "--finetune-epochs")
+    longer = (f"; it ran {record['epochs']} epochs and is kept as it is: {flag} {wanted} applies to stages not "
+              "finished yet" if record.get("epochs") is not None and record["epochs"] < wanted else "")
+    console.print(f"Resuming: stage {record['stage']} was done (validation AUC {record['val_auc']:.4f}){longer}.")
     return record
 
 
