@@ -189,6 +189,8 @@ def run_calibrate(args) -> int:
                             batch_size=batch_size(args), always_move=args.always_move)
     after, before, sample = record["after"], record["before"], record["on_sample_after"]
     print(f"calibrated on {sum(record['counts'].values())} images {record['counts']} from {record['site_data']}")
+    if record["overlap"]:
+        print(f"WARNING: {record['overlap']}")
     print(record["decision"])
     print(f"temperature {before['temperature']:.3f} -> {after['temperature']:.3f}")
     if after["threshold"] is not None and record["unmoved_interval"] is None:

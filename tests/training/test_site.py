@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder
+from conftest import make_folder, synthetic_image
 
 import xferlearn
 from xferlearn.cli import main
@@ -74,6 +74,21 @@ def test_the_figures_on_the_sample_are_for_the_runs_positive_class(normal_positi
     assert after["positive_class"] == metrics["positive_class"] == "NORMAL"
     for key in ("accuracy", "sensitivity", "specificity"):
         assert after[key] == pytest.approx(metrics[key], abs=1e-9)
+
+
+def test_the_sample_is_checked_against_the_run_and_kept_for_the_leak_guard(tiny_run, tmp_path):
+    fresh = tmp_path / "fresh"  # images the run never saw (other seeds than its data's)
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        (fresh / name).mkdir(parents=True)
+        for i in range(20):
+            synthetic_image(label, 500 + i).save(fresh / name / f"s{i}.png")
+    record = xferlearn.calibrate(tiny_run, fresh, tmp_path / "cal", n_boot=20, always_move=True)
+    assert record["overlap"] is None and len(record["sample"]) == 40
+    with pytest.raises(XferlearnError, match="40 are the site sample `calibrate` re-chose the operating point on"):
+        xferlearn.evaluate(tmp_path / "cal", fresh, tmp_path / "e", n_boot=10, gallery=False, strict=True)
+    own = xferlearn.calibrate(tiny_run, tiny_run.parent / "data", tmp_path / "own", n_boot=20, always_move=True,
+                              min_per_class=2)
+    assert "were trained on" in own["overlap"] and "is not the site's" in own["overlap"]
 
 
 def test_prior_is_folded_into_the_bias(tiny_run, site, tmp_path):

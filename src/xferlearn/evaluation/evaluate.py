@@ -24,7 +24,7 @@ from ..models.features import image_loader
 from ..models.predictor import Predictor, load_predictor
 from ..rundir import RunDir, as_path, checkpoint_path
 from ..data.phash import hashes
-from .leaks import describe_overlap, find_overlap, load_split, refuse_overlap
+from .leaks import calibration_sample, describe_overlap, find_overlap, load_split, refuse_overlap
 from .metrics import bootstrap_intervals, compute_metrics
 from .report import write_report
 from .stress_report import stress_section
@@ -106,7 +106,8 @@ def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision,
     cache = DecodeCache.of(pre, cache_dir)
     manifest = scan(root, cache, classes=predictor.classes, dedupe=False)
     rundir = RunDir.of(run)
-    overlap = find_overlap(load_split(rundir.split), manifest.digests, hashes(manifest.paths, manifest.digests, cache))
+    overlap = find_overlap(load_split(rundir.split), manifest.digests, hashes(manifest.paths, manifest.digests, cache),
+                           calibration_sample(rundir.calibration))
     if strict:
         refuse_overlap(overlap)
     with torch.inference_mode():

@@ -24,17 +24,25 @@ def load_split(path: Path) -> dict | None:
         return None
 
 
-def find_overlap(split: dict | None, digests: list[str], phashes: list[str]) -> dict:
-    """Per side of the run (train, val): how many of the given images are exact copies, and
-    how many more are near copies (perceptual hash). Images on both sides count for train."""
+def calibration_sample(path: Path) -> list[dict]:
+    """The site sample a calibrated run re-chose its operating point on (RUN/calibration.json's
+    `sample`: content and perceptual hashes), as split entries; none for other runs."""
+    record = load_split(path)
+    return record.get("sample") or [] if isinstance(record, dict) else []
+
+
+def find_overlap(split: dict | None, digests: list[str], phashes: list[str], sample: list[dict] | None = None) -> dict:
+    """Per side of the run (train, val, and a calibrated run's site `sample`): how many of the
+    given images are exact copies, and how many more are near copies (perceptual hash). An
+    image found on several sides counts for the first."""
     n = len(digests)
     if split is None:
         return {"checked": False, "n": n, "why": "the run has no split.json"}
     result: dict = {"checked": True, "n": n, "near_distance_bits": MAX_DISTANCE,
                     "cross_fitted": is_cross_fitted(split)}
     seen = [False] * n
-    for side in ("train", "val"):
-        entries = split.get(side) or []
+    for side, entries in (("train", split.get("train")), ("val", split.get("val")), ("sample", sample)):
+        entries = entries or []
         exact_set = {e["digest"] for e in entries}
         exact = [not seen[i] and d in exact_set for i, d in enumerate(digests)]
         known = [e["phash"] for e in entries if e.get("phash")]
@@ -46,7 +54,7 @@ def find_overlap(split: dict | None, digests: list[str], phashes: list[str]) -> 
     return result
 
 
-def describe_overlap(overlap: dict) -> str:
+def describe_overlap(overlap: dict, meaning: str = "These figures are not a held-out estimate.") -> str:
     """One line for people: none found, or how many, where, and what that means."""
     if not overlap.get("checked"):
         return f"overlap with the run's images not checked ({overlap.get('why')})"
@@ -63,8 +71,12 @@ def describe_overlap(overlap: dict) -> str:
         parts.append(f"{val['exact'] + val['near']} are the run's validation images ({val['exact']} identical, "
                      f"{val['near']} near copies): the run chose its epoch, temperature and any threshold on "
                      "them")
+    sample = overlap.get("sample", {"exact": 0, "near": 0})
+    if sample["exact"] + sample["near"]:
+        parts.append(f"{sample['exact'] + sample['near']} are the site sample `calibrate` re-chose the operating "
+                     f"point on ({sample['exact']} identical, {sample['near']} near copies)")
     return (f"OVERLAP: {overlap['total']} of {overlap['n']} images are not held out: " + "; ".join(parts)
-            + ". These figures are not a held-out estimate.")
+            + ". " + meaning)
 
 
 def refuse_overlap(overlap: dict) -> None:

@@ -36,7 +36,9 @@ from ..config import THRESHOLDS
 from ..data.folders import ImageDataset, scan
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
+from ..data.phash import hashes
 from ..evaluation.evaluate import evaluation_root
+from ..evaluation.leaks import calibration_sample, describe_overlap, find_overlap, load_split
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.thresholds import apply_temperature, choose_operating_point, fit_temperature
 from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -121,6 +123,11 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
         raise XferlearnError(f"{root} is too small to calibrate on: {small} (each class needs at least "
                              f"{min_per_class} labelled images).")
     y = manifest.labels
+    # The sample against the run's own images: a threshold re-chosen on images the run trained or
+    # validated on is no site's. Said, and its hashes kept, so `evaluate` can say it too.
+    phashes = hashes(manifest.paths, manifest.digests, cache)
+    overlap = find_overlap(load_split(source.split), manifest.digests, phashes,
+                           calibration_sample(source.calibration))
     logits = site_logits(checkpoint, manifest, cache, batch_size)
     before = {"temperature": checkpoint.temperature, "threshold": checkpoint.threshold,
               "operating_point": checkpoint.operating_point.to_dict(), "class_prior": checkpoint.class_prior}
@@ -148,6 +155,12 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
               "after": {"temperature": checkpoint.temperature, "threshold": point.value,
                         "operating_point": point.to_dict(), "class_prior": checkpoint.class_prior},
               "on_sample_after": metrics,
+              "overlap": describe_overlap(overlap, "An operating point chosen on them is not the site's.")
+              if overlap.get("total") else None,
+              # every sample this run's operating point came from, an earlier calibration's too
+              "sample": calibration_sample(source.calibration) + [
+                  {"path": path, "digest": digest, "phash": phash}
+                  for path, digest, phash in zip(manifest.paths, manifest.digests, phashes)],
               "caveat": "figures on the sample are those of the data the threshold was chosen on (optimistic); "
                         "evaluate on other images of the site to judge it"}
     checkpoint.metrics = {**checkpoint.metrics, "site_calibration": {k: record[k] for k in
