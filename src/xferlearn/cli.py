@@ -152,8 +152,8 @@ def add_predict(commands) -> None:
                                                "whole at the end, atomically: an interrupted run leaves no partial file)")
     add_batch_size(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help=f"(--engine torch) one of {', '.join(PRECISIONS)}; auto: bf16 where the hardware "
-                             "computes it natively (default: auto)")
+                        help=f"(--engine torch) one of {', '.join(PRECISIONS)}; auto: bf16 on a GPU that computes "
+                             "it natively, fp32 on a CPU, as the threshold was chosen (default: auto)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                         help=f"(--engine torch) one of {', '.join(COMPILE_MODES)}: torch.compile the network; auto: "
                              "when there are enough images to repay it (default: auto)")

@@ -18,7 +18,7 @@ from xferlearn.errors import XferlearnError
 from xferlearn.deploy import quantize
 from xferlearn.deploy.export import export
 from xferlearn.deploy.onnx_runtime import OnnxPredictor
-from xferlearn.deploy.predict import load_onnx
+from xferlearn.deploy.predict import load_engine, load_onnx
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,14 @@ def test_a_site_calibrated_run_is_not_quantised(tiny_run, tiny_data, tmp_path):
     xferlearn.calibrate(tiny_run, tiny_data, tmp_path / "cal", n_boot=20, always_move=True, min_per_class=2)
     with pytest.raises(XferlearnError, match="site-calibrated run is not built"):
         export(tmp_path / "cal", "onnx-int8")
+
+
+def test_predict_on_pytorch_scores_in_fp32_on_a_cpu_as_the_threshold_was_chosen(tiny_run, monkeypatch):
+    from xferlearn.models import inference
+
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: True)  # a CPU where auto meant bf16
+    assert load_engine(tiny_run, "torch").precision == "fp32"
+    assert load_engine(tiny_run, "torch", precision="bf16").precision == "bf16"  # asked for
 
 
 def test_rank_agreement_sees_reordering_within_a_class():

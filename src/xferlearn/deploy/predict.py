@@ -127,8 +127,13 @@ def load_engine(run: str | Path, engine: str = "auto", *, precision: str = "auto
     engine = resolve_engine(run, engine, torch_options=precision != "auto" or compile != "auto" or tta is not None
                             or prevalence is not None, n_images=n_images)
     if engine == "torch":
+        from ..models.inference import default_device
         from ..models.predictor import load_predictor
 
+        if precision == "auto" and default_device().type == "cpu":
+            # On a CPU the threshold was chosen on fp32 scores (ONNX Runtime's, as evaluate and serve
+            # compute them); bf16 moves probabilities by up to 0.05 and flips images near it.
+            precision = "fp32"
         predictor = load_predictor(run, precision=precision, compile=compile, n_images=n_images,
                                    batch_size=batch_size, tta=tta, prevalence=prevalence)
         predictor.engine = engine
