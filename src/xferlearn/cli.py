@@ -135,7 +135,23 @@ def run_evaluate(args) -> int:
                f"sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}  n {metrics['n']}"
         print(line)
         print(decision_rule(metrics["threshold"], metrics["threshold_source"], metrics.get("positive_class")))
+    int8_note(args.run, metrics)
     return 0
+
+
+def int8_note(run: str, metrics: dict) -> None:
+    """Where `predict` and `serve` would decide with another model than the one evaluated: the
+    run's checked int8 export, at the threshold chosen for it."""
+    from .deploy.onnx_runtime import INT8_FILE, SIDECAR, export_current, read_sidecar
+    from .rundir import RunDir, checkpoint_path
+
+    folder = RunDir.of(run).export
+    if metrics.get("threshold") is None or not export_current(folder, checkpoint_path(run), "onnx-int8"):
+        return
+    int8 = read_sidecar(folder / SIDECAR)["int8"]
+    print(f"Note: these are the fp32 model's figures; predict and serve (engine auto) run {folder / INT8_FILE} at "
+          f"its own threshold {int8['threshold']:.4f} ({int8['threshold_source']}); --engine onnx decides as "
+          "evaluated.", file=sys.stderr)
 
 
 def add_predict(commands) -> None:

@@ -84,6 +84,13 @@ def test_default_engine_is_int8_once_its_export_exists(int8_run, tiny_data, tmp_
     checkpoint.temperature = 2.0
     save_checkpoint(checkpoint, stale / "model.pt")
     assert load_engine(stale, n_images=10).engine == "torch"
+    # evaluate measures the fp32 model, and says that predict decides with int8 at another threshold
+    capsys.readouterr()
+    assert main(["evaluate", str(int8_run), str(tiny_data), "--out", str(tmp_path / "e"), "--bootstrap", "10",
+                 "--no-gallery"]) == 0
+    note = capsys.readouterr().err
+    assert "these are the fp32 model's figures" in note and f"threshold {card['int8']['threshold']:.4f}" in note
+    assert "PyTorch fp32, at the checkpoint's threshold" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_stress_on_the_int8_engine_names_its_threshold(int8_run, tiny_data, tmp_path):

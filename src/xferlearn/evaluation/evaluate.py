@@ -127,6 +127,8 @@ def _evaluate(run: Path, data, out, *, batch_size, n_boot, cache_dir, precision,
     run_info = {"run": str(rundir.root.resolve()), "data": str(root.resolve()), "backbone": checkpoint.backbone,
                 "weights": checkpoint.weights, "checkpoint": str(checkpoint_path(run).resolve()),
                 "contrast step": checkpoint.preprocessing.contrast,
+                "engine": f"PyTorch {predictor.precision}, at the checkpoint's threshold (an int8 export, where one "
+                          "was kept, decides at its own: RUN/export/model.json)",
                 "temperature": round(checkpoint.temperature, 4), "test-time augmentation": predictor.tta,
                 "prevalence": predictor.prevalence or "as trained"}
     history = rundir.history()
