@@ -106,6 +106,9 @@ def test_a_site_calibrated_run_is_not_quantised(tiny_run, tiny_data, tmp_path):
     xferlearn.calibrate(tiny_run, tiny_data, tmp_path / "cal", n_boot=20, always_move=True, min_per_class=2)
     with pytest.raises(XferlearnError, match="site-calibrated run is not built"):
         export(tmp_path / "cal", "onnx-int8")
+    from xferlearn.deploy.predict import why_not_int8
+
+    assert "not built for a site-calibrated run" in why_not_int8(tmp_path / "cal")  # predict's engine line
 
 
 def test_predict_on_pytorch_scores_in_fp32_on_a_cpu_as_the_threshold_was_chosen(tiny_run, monkeypatch):

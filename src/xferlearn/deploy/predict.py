@@ -107,6 +107,13 @@ def why_not_int8(run: str | Path) -> str:
     current = _is_export(run) or export_current(folder, checkpoint_path(run), "onnx")
     if isinstance(refused, dict) and current and refused.get("checkpoint_sha256") == card.get("checkpoint_sha256"):
         return f"int8 refused by its check for this model: {refused.get('reason', 'no reason recorded')}"
+    point = card.get("operating_point") if current else None  # the export's card: no torch to import
+    if point is None and not _is_export(run):  # no export: PyTorch runs, so torch is loaded already
+        from ..models.checkpoint import load_checkpoint
+
+        point = load_checkpoint(run).operating_point.to_dict()
+    if isinstance(point, dict) and point.get("when") == "calibrate" and point.get("value") is not None:
+        return "int8 is not built for a site-calibrated run (its threshold was chosen on the site sample)"
     return ("int8 not made for this model (`xferlearn export RUN --format onnx-int8` quantises it and keeps it only "
             "if it passes its validation check)")
 
