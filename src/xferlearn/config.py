@@ -255,10 +255,11 @@ class TrainConfig:
                             STRATEGIES)
 
     def __post_init__(self):
-        for f in fields(self):  # the Python API's values of a wrong type get the CLI's one-line errors too
+        for f in fields(self):  # the API's values of a wrong type get the CLI's one-line errors too; kept as
+            # plain JSON values: a Path as its text, numpy's numbers (a sweep's) as Python's
             kinds, value = str(f.type).replace(" ", "").split("|"), getattr(self, f.name)
-            # Kept as plain JSON values: a Path as its text, numpy's numbers (a sweep's) as Python's.
-            value = os.fspath(value) if isinstance(value, os.PathLike) else getattr(value, "item", lambda: value)()
+            value = (os.fspath(value) if isinstance(value, os.PathLike) else value.item()
+                     if type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0 else value)
             setattr(self, f.name, value)
             plain = not isinstance(value, bool)
             if not any({"None": value is None, "str": isinstance(value, str), "bool": not plain,
@@ -351,8 +352,7 @@ class TrainConfig:
         """Fill in --image-size left out (COLOUR_IMAGE_SIZE): True where it was chosen so. `packaged`:
         whether the network (each member of an ensemble) is one of the packaged EfficientNet-Lites."""
         chosen = self.image_size is None and self.recipe == "linear" and packaged and not grayscale
-        if chosen:
-            self.image_size = COLOUR_IMAGE_SIZE
+        self.image_size = COLOUR_IMAGE_SIZE if chosen else self.image_size
         return chosen
 
     def pooling(self, packaged: bool) -> str | None:
