@@ -138,8 +138,10 @@ def test_a_rerun_clears_an_earlier_attempt_and_resume_refuses_another_run(tmp_pa
     identity = json.loads((run / "identity.json").read_text())["identity"]
     assert torch.load(run / "lightning" / "last.ckpt", weights_only=True)["xferlearn_run_identity"] == identity
 
+    kept = {name: (run / name).read_bytes() for name in ("config.json", "split.json")}
     with pytest.raises(XferlearnError, match=r"holds another run .*choose another --out \(it holds that run's fin"):
         xferlearn.train(data=str(swapped), resume=True, **options)  # a finished model: no "rerun there" advice
+    assert {name: (run / name).read_bytes() for name in kept} == kept  # refused before writing a thing
     (run / "model.pt").unlink()
     with pytest.raises(XferlearnError, match="holds another run .*rerun without --resume"):  # another identity
         xferlearn.train(data=str(swapped), resume=True, **options)

@@ -130,6 +130,16 @@ def test_a_val_folder_sharing_patients_with_train_is_used_with_a_warning(tmp_pat
     assert "Warning: 12 patients have images on both sides (e.g. IM-0000)" in _said(capsys)
 
 
+def test_re_encoded_copies_of_training_images_in_a_val_folder_are_named(tmp_path, capsys):
+    from PIL import Image
+
+    root = _root_with_val(tmp_path, 20)
+    source = sorted((root / "train" / "ants").iterdir())[0]
+    Image.open(source).save(root / "val" / "ants" / "copy.png")  # the same picture, other bytes
+    xferlearn.train(data=str(root), out=str(tmp_path / "r"), **{**TINY, "cv": None})
+    assert "Warning: 1 validation images are near copies of training images" in _said(capsys)
+
+
 def test_a_small_val_folder_is_pooled_into_train(tmp_path, capsys):
     root = _root_with_val(tmp_path, 3)
     result = xferlearn.train(data=str(root), out=str(tmp_path / "r"), **TINY)

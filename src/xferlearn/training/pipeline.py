@@ -29,7 +29,7 @@ from ..config import CV_BELOW_PER_CLASS, CV_FOLDS, MIN_VAL_PER_CLASS
 from ..data.folders import (VALIDATION_FOLDER, Manifest, folder_split, from_validation_folder, grouping, save_split,
                             scan, split_validation)
 from ..data.layout import check_outside, count_images, find_layout, training_files, use_validation_folder
-from ..data.phash import hashes
+from ..data.phash import hashes, near_matches
 from ..data.contrast import is_grayscale_folder, resolve_contrast
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
@@ -186,13 +186,19 @@ def train_here(config: TrainConfig) -> TrainResult:
         return _train(config, model, preprocessing, weights_tag, arch, layout, positive, grayscale, started, pool)
 
 
+def warn_near_copies(manifest: Manifest, train_idx, val_idx, phashes: list[str]) -> None:
+    """A validation folder's re-encoded or resized copies of training images (perceptual hash, as
+    `evaluate`'s leak guard finds them): exact copies were kept on the training side already."""
+    near = near_matches([phashes[i] for i in val_idx], [phashes[i] for i in train_idx])
+    if count := sum(bool(match) for match in near):
+        console.print(f"Warning: {count} validation images are near copies of training images (re-encoded or "
+                      "resized); the validation figures and the threshold are optimistic for them.", highlight=False)
+
+
 def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: str, layout, positive: int | None,
            grayscale: bool, started: float, pool: str | None) -> TrainResult:
     run = prepare_run(config)
     barrier()  # every process has checked for a finished run before rank 0 may write one
-    if is_rank_zero():
-        config.save(run.config)
-
     cache = DecodeCache.of(preprocessing, config.cache_dir)
     if not is_rank_zero():
         barrier()  # rank 0 decodes into the shared cache first; the others then only read and hash
@@ -200,10 +206,14 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     preprocessing = choose_for_images(config, grayscale, cache, preprocessing)
     if is_rank_zero():
         barrier()
-        config.save(run.config)  # again, with what the images decided (views, augmentation)
-        save_split(run.split, manifest, train_idx, val_idx, how, hashes(manifest.paths, manifest.digests, cache))
-        # What this run is: an earlier attempt's checkpoints are cleared, or refused under --resume.
+        phashes = hashes(manifest.paths, manifest.digests, cache)
+        if from_validation_folder(how):
+            warn_near_copies(manifest, train_idx, val_idx, phashes)
+        # What this run is, before anything is written: an earlier attempt's checkpoints are cleared,
+        # or another run's refused under --resume (its config.json and split.json left as they are).
         begin_attempt(run, run_identity(config.to_dict(), manifest, train_idx, val_idx), config.resume, console.print)
+        config.save(run.config)  # with what the images decided (views, augmentation)
+        save_split(run.split, manifest, train_idx, val_idx, how, phashes)
     barrier()
 
     val_logits = None
