@@ -56,9 +56,19 @@ def load(run: str | Path, **options) -> Model:
 
 def train(data: str | Path | None = None, config=None, **options):
     """Train on a folder of class folders; `options` are TrainConfig's fields. Returns a TrainResult."""
+    from dataclasses import fields
+    from difflib import get_close_matches
+
     from .config import TrainConfig
+    from .errors import XferlearnError
     from .training.pipeline import train as run_training
 
+    known = [f.name for f in fields(TrainConfig)]
+    for name in options:
+        if name not in known:  # as the CLI answers an unknown flag: one line, with the likely one
+            near = get_close_matches(name, known, n=1)
+            raise XferlearnError(f"train() has no option {name!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                      "; the options are TrainConfig's fields."))
     if config is None:
         config = TrainConfig(data=str(data), **options) if data is not None else TrainConfig(**options)
     return run_training(config)

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,12 @@ def test_an_output_folder_inside_the_images_is_refused_before_anything_is_writte
         xferlearn.evaluate(tiny_run, data, data / "report", n_boot=10, gallery=False)
     with pytest.raises(XferlearnError, match="lies inside the images"):
         xferlearn.stress(tiny_run, data, data / "stress", shifts=["blur"], severities=[1], progress=False)
+    with pytest.raises(XferlearnError, match="lies inside the images"):
+        xferlearn.calibrate(tiny_run, data, data / "cal", min_per_class=2)
+    val_folder = json.loads((tiny_run / "split.json").read_text())["val"][0]["path"]  # its class folder's parent
+    with pytest.raises(XferlearnError, match="lies inside the images"):
+        xferlearn.stress(tiny_run, out=Path(val_folder).parent / "stress", split="val", shifts=["blur"],
+                         severities=[1], progress=False)
     assert sorted(p.name for p in data.iterdir()) == ["NORMAL", "PNEUMONIA"]  # nothing left in the data
 
 
@@ -116,6 +123,7 @@ def test_the_python_api_gives_one_line_errors_for_values_of_a_wrong_type(tiny_ru
             (lambda: xferlearn.train(data="d", out=str(tmp_path / "r"), epochs="five"), "--epochs takes int, not 'five'"),
             (lambda: TrainConfig(data="d", backbone=["resnet18"]), "--backbone takes str or None"),
             (lambda: xferlearn.load(5), "a run is a folder or file path"),
+            (lambda: xferlearn.train("d", epochz=3), "no option 'epochz'; did you mean 'epochs'"),
             (lambda: xferlearn.evaluate(tiny_run, None), "DATA is a folder or file path")]:
         with pytest.raises(XferlearnError, match=message):
             call()

@@ -99,7 +99,7 @@ def folder_split(manifest: Manifest, val_root: Path, minimum: int) -> tuple[np.n
         raise XferlearnError(f"{val_root} leaves training {train_counts} and validation {val_counts} images per class "
                              f"({dropped} of its files are copies of training images, kept on the training side; "
                              f"validation needs {minimum} a class): give a validation folder apart from the training "
-                             "images, or leave --val out.")
+                             "images (--val DIR, or DATA's val/), or none.")
     return train_idx, val_idx
 
 

@@ -261,7 +261,8 @@ def _train(config: TrainConfig, model, preprocessing, weights_tag: str, arch: st
     stress = (f"`xferlearn stress {run.root} DATA` (DATA: labelled images it was not trained on)" if folds
               else f"`xferlearn stress {run.root} --split val`")
     console.print(f"These {'cross-validated' if folds else 'validation'} figures are in-distribution: "
-                  f"{metrics['n']} images from {config.data}, the same source as the training images. They "
+                  f"{metrics['n']} images from {layout.val_root if from_validation_folder(how) else config.data}, "
+                  "the same source as the training images. They "
                   f"cannot show how the model holds up on other sites or devices: run {stress} for "
                   "acquisition-like shifts, and evaluate on labelled images from elsewhere.", highlight=False)
     return TrainResult(run.root, path, metrics, seconds)

@@ -36,6 +36,7 @@ from ..config import THRESHOLDS
 from ..data.folders import ImageDataset, scan
 from ..data.images import DecodeCache
 from ..errors import XferlearnError
+from ..data.layout import check_outside
 from ..data.phash import hashes
 from ..evaluation.evaluate import evaluation_root
 from ..evaluation.leaks import calibration_sample, describe_overlap, find_overlap, load_split
@@ -114,6 +115,7 @@ def calibrate_site(run: str | Path, data: str | Path, out: str | Path, *, prior:
         raise XferlearnError("--threshold target_sensitivity needs --target-sensitivity, e.g. 0.95.")
 
     root = evaluation_root(as_path(data, "DATA"), checkpoint.classes)
+    check_outside(out, [root])
     pre = checkpoint.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
     manifest = scan(root, cache, classes=checkpoint.classes)
