@@ -142,11 +142,12 @@ def run_evaluate(args) -> int:
 def int8_note(run: str, metrics: dict) -> None:
     """Where `predict` and `serve` would decide with another model than the one evaluated: the
     run's checked int8 export, at the threshold chosen for it."""
-    from .deploy.onnx_runtime import INT8_FILE, SIDECAR, export_current, read_sidecar
-    from .rundir import RunDir, checkpoint_path
+    from .deploy.onnx_runtime import INT8_FILE, SIDECAR, read_sidecar
+    from .deploy.predict import int8_ready
+    from .rundir import RunDir
 
     folder = RunDir.of(run).export
-    if metrics.get("threshold") is None or not export_current(folder, checkpoint_path(run), "onnx-int8"):
+    if metrics.get("threshold") is None or not int8_ready(run):
         return
     int8 = read_sidecar(folder / SIDECAR)["int8"]
     print(f"Note: these are the fp32 model's figures; predict and serve (engine auto) run {folder / INT8_FILE} at "
@@ -197,7 +198,7 @@ def run_predict(args) -> int:
     if not paths:  # as explain says: an empty CSV and exit 0 would pass for a clean result
         raise XferlearnError("No image files found in the paths given.")
     if args.engine == "auto":
-        why = why_not_int8(args.run) if predictor.engine != "onnx-int8" else ""
+        why = why_not_int8(args.run, getattr(predictor, "checkpoint", None)) if predictor.engine != "onnx-int8" else ""
         print(f"xferlearn: engine {predictor.engine} (auto{'; ' + why if why else ''})", file=sys.stderr)
     if predictor.threshold is not None:  # the rows give the threshold; where it came from is said once
         mapped = f"; mapped for a prevalence of {args.prevalence:g}" if args.prevalence is not None else ""

@@ -95,9 +95,10 @@ def resolve_engine(run: str | Path, engine: str = "auto", torch_options: bool = 
     return chosen
 
 
-def why_not_int8(run: str | Path) -> str:
+def why_not_int8(run: str | Path, checkpoint=None) -> str:
     """One line on why `auto` does not run the int8 model, the fastest engine on a CPU: refused by
-    its check for this checkpoint (model.json keeps the reason), or never made; "" where it is ready."""
+    its check for this checkpoint (model.json keeps the reason), not built (a site-calibrated run),
+    or never made; "" where it is ready. `checkpoint`: the run's, where the caller has it loaded."""
     run = Path(run)
     if int8_ready(run):
         return ""
@@ -111,7 +112,7 @@ def why_not_int8(run: str | Path) -> str:
     if point is None and not _is_export(run):  # no export: PyTorch runs, so torch is loaded already
         from ..models.checkpoint import load_checkpoint
 
-        point = load_checkpoint(run).operating_point.to_dict()
+        point = (checkpoint or load_checkpoint(run)).operating_point.to_dict()
     if isinstance(point, dict) and point.get("when") == "calibrate" and point.get("value") is not None:
         return "int8 is not built for a site-calibrated run (its threshold was chosen on the site sample)"
     return ("int8 not made for this model (`xferlearn export RUN --format onnx-int8` quantises it and keeps it only "

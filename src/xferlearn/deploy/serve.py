@@ -370,7 +370,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
     app = create_app(run, max_upload_bytes, engine=engine)
     service, sock = app.state.service, _listen(host, port)
-    why = why_not_int8(run) if engine == "auto" else ""  # auto did not find int8, the fastest on a CPU: why
+    why = why_not_int8(run, service.checkpoint) if engine == "auto" else ""  # auto did not find int8, the fastest on a CPU: why
     print(f"xferlearn: serving {service.model_id} on {service.engine}{f' ({why})' if why else ''} at {_url(sock)}/ "
           "(upload page at /, API docs at /docs); Ctrl+C stops.", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

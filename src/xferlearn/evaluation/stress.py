@@ -67,8 +67,10 @@ def stress(run: str | Path, data: str | Path | None = None, out: str | Path | No
     pre = checkpoint.preprocessing
     cache = DecodeCache.of(pre, cache_dir)
     root = None if data is None else evaluation_root(as_path(data, "DATA"), checkpoint.classes)
+    if out is not None and root is not None:  # before DATA is scanned
+        check_outside(out, [root])
     paths, digests, labels, source = _images(run, root, split, checkpoint.classes, cache)
-    if out is not None:  # the validation images' folders too: a class of their own there breaks them
+    if out is not None and root is None:  # the validation images' folders: a class of their own there breaks them
         check_outside(out, {Path(path).parent.parent for path in paths})
     paths, digests, labels = _limit(paths, digests, labels, limit, len(checkpoint.classes), seed)
     started = time.perf_counter()

@@ -45,7 +45,6 @@ class Predictor(BasePredictor):
         super().__init__(checkpoint.classes, checkpoint.threshold, checkpoint.positive_index,
                          checkpoint.temperature, checkpoint.preprocessing)
         self.checkpoint = checkpoint
-        self.threshold_source = checkpoint.threshold_source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device)
         self.model = checkpoint.build_model().to(self.device, memory_format=torch.channels_last)
@@ -113,6 +112,10 @@ class Predictor(BasePredictor):
         if self.prevalence is not None:
             probs = prior_shift(probs, self.checkpoint.class_prior, self.target_prior)
         return probs
+
+    @property
+    def threshold_source(self) -> str:
+        return self.checkpoint.threshold_source
 
     def describe_operating_point(self) -> str:
         """One paragraph for reports: the threshold's source, TTA, and any prevalence correction."""

@@ -165,7 +165,7 @@ def train_here(config: TrainConfig) -> TrainResult:
     console.quiet = console.quiet or not is_rank_zero()
     L.seed_everything(config.seed, verbose=False)
     layout = find_layout(config.data, config.val)
-    check_outside(config.out, [config.data, *layout.train_roots, layout.val_root])
+    check_outside(config.out, [config.data, layout.val_root])  # the training roots lie inside DATA
     positive = named_positive_index(layout.classes, config.positive_class)
     if positive is None and config.threshold != "youden":
         raise XferlearnError(f"--threshold {config.threshold} applies to two classes; these data have "
